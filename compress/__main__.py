@@ -1,0 +1,45 @@
+"""`python -m compress SUBCOMMAND`: one function per subcommand; errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Nothing in this toolkit may reach a model hub; fail fast instead of retrying for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SUBCOMMANDS = ("upscale", "eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from compress import evaluate, upscale
+
+    parser = argparse.ArgumentParser(
+        prog="python -m compress",
+        description="Compress the TSD-SR one-step super-resolution student and run it.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    upscale.add_parser(subparsers)
+    evaluate.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from compress.imaging import ImageInputError
+    from compress.models.errors import ModelLoadError
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.run(ns) or 0)
+    except (ModelLoadError, ImageInputError, ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

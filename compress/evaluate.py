@@ -1,0 +1,238 @@
+"""`python -m compress eval`: quality of a student on validation photos, beside bicubic upsampling.
+
+Writes OUT/metrics.json and OUT/report.md and prints the table. Metrics whose weights are not on this
+machine are listed as skipped with the missing file, never reported as a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_METRICS = ("psnr", "ssim", "stlpips", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
+EXAMPLES = """examples:
+  python -m compress eval -o runs/eval-default
+  python -m compress eval --model runs/tiny-student --degradation bicubic -o runs/eval-bicubic
+  python -m compress eval --model /data/tsdsr-release --data /data/DIV2K_valid_HR --metrics psnr,ssim,stlpips -o runs/eval
+"""
+
+
+@dataclass
+class EvalArgs:
+    """Options of `eval`; validation names the offending flag."""
+
+    data: str = "val"
+    degradation: str = "realesrgan"
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    seed: int = 0
+    hr_size: int = 256
+    color_fix: str = "none"
+    device: str = "cpu"
+    dtype: str = "float32"
+    limit: int | None = None
+    tile: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.degradation not in ("realesrgan", "bicubic"):
+            raise ValueError(f"--degradation must be realesrgan or bicubic, got {self.degradation!r}")
+        unknown = [m for m in self.metrics if m not in DEFAULT_METRICS]
+        if unknown:
+            raise ValueError(f"--metrics: unknown {unknown}; choose from {','.join(DEFAULT_METRICS)}")
+        if self.hr_size % 64:
+            raise ValueError(f"--hr-size must be a multiple of 64, got {self.hr_size}")
+        if self.color_fix not in ("adain", "wavelet", "none"):
+            raise ValueError(f"--color-fix must be adain, wavelet or none, got {self.color_fix!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+
+
+def load_pairs(args: EvalArgs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, LR 1x3xhxw, HR 1x3xHxW) pairs: built-in validation photos or a folder of HR images."""
+    from compress.data.pairs import fixed_validation_pairs
+
+    if args.data == "val":
+        pairs = fixed_validation_pairs(args.degradation, seed=args.seed, hr_size=args.hr_size)
+    else:
+        pairs = folder_pairs(Path(args.data), args)
+    pairs = [(name, _batch(lr), _batch(hr)) for name, lr, hr in pairs]
+    return pairs[: args.limit] if args.limit else pairs
+
+
+def _batch(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dim() == 4 else tensor[None]
+
+
+def folder_pairs(folder: Path, args: EvalArgs):
+    """HR images of a folder, centre-cropped to multiples of 64 and degraded at a fixed seed."""
+    import numpy as np
+
+    from compress.data.degradations import degrade_bicubic, degrade_realesrgan
+    from compress.imaging import ImageInputError, iter_image_paths, load_image
+
+    pairs = []
+    for index, path in enumerate(iter_image_paths([folder])):
+        try:
+            image = load_image(path)
+        except ImageInputError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            continue
+        hr = image.rgb
+        height, width = (hr.shape[-2] // 64) * 64, (hr.shape[-1] // 64) * 64
+        if height == 0 or width == 0:
+            print(f"skipped: {path} is smaller than 64x64", file=sys.stderr)
+            continue
+        top, left = (hr.shape[-2] - height) // 2, (hr.shape[-1] - width) // 2
+        hr = hr[:, top : top + height, left : left + width]
+        hr_np = hr.permute(1, 2, 0).numpy()
+        if args.degradation == "bicubic":
+            lr_np = degrade_bicubic(hr_np)
+        else:
+            lr_np = degrade_realesrgan(hr_np, np.random.default_rng([args.seed, index]))
+        pairs.append((path.stem, torch.from_numpy(np.ascontiguousarray(lr_np)).permute(2, 0, 1), hr))
+    if not pairs:
+        raise ValueError(f"--data {folder}: no usable HR images found")
+    return pairs
+
+
+def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: EvalArgs | None = None,
+             base_model: Path | None = None) -> dict:
+    """Run the student and bicubic upsampling on the pairs and score both with every requested metric."""
+    from tqdm import tqdm
+
+    from compress.colorfix import apply_color_fix
+    from compress.io import write_json
+    from compress.models.resolve import load_model, parse_dtype
+    from compress.pipeline import TileSettings, upscale_tensor
+    from compress.quality.cost import machine_info
+    from compress.quality.fidelity import psnr_y, ssim_y
+    from compress.quality.perceptual import build_metric
+    from compress.quality.report import format_table
+
+    args = args or EvalArgs()
+    loaded = load_model(model, base_model=base_model, device=args.device, dtype=parse_dtype(args.dtype))
+    print(f"model: {loaded.description}", file=sys.stderr)
+    pairs = load_pairs(args)
+
+    scorers, skipped = {}, {}
+    for name in args.metrics:
+        if name == "psnr":
+            scorers[name] = ("fr", True, lambda sr, hr: psnr_y(sr, hr))
+        elif name == "ssim":
+            scorers[name] = ("fr", True, lambda sr, hr: ssim_y(sr, hr))
+        else:
+            metric = build_metric(name, args.device)
+            if getattr(metric, "reason", None):
+                skipped[name] = metric.reason
+                continue
+            scorers[name] = (metric.kind, not metric.lower_is_better, metric)
+
+    methods = {"student": [], "bicubic": []}
+    per_image = []
+    seconds = []
+    for name, lr, hr in tqdm(pairs, desc="eval", unit="img", disable=None):
+        start = time.perf_counter()
+        sr = upscale_tensor(loaded.model, lr, TileSettings(mode=args.tile))
+        sr = apply_color_fix(args.color_fix, sr, lr)
+        seconds.append(time.perf_counter() - start)
+        bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        row = {"image": name}
+        for method, output_image in (("student", sr), ("bicubic", bicubic)):
+            scores = {}
+            for metric_name, (kind, _, fn) in scorers.items():
+                with torch.no_grad():
+                    value = fn(output_image.float().cpu(), hr.float().cpu()) if kind == "fr" else fn(output_image.float().cpu())
+                scores[metric_name] = float(torch.as_tensor(value).float().mean())
+            methods[method].append(scores)
+            row[method] = scores
+        per_image.append(row)
+
+    means = {
+        method: {m: _finite_mean([s[m] for s in rows]) for m in scorers} for method, rows in methods.items()
+    }
+    payload = {
+        "command": "eval",
+        "model": loaded.description,
+        "random_weights": loaded.is_random,
+        "data": args.data,
+        "degradation": args.degradation,
+        "images": len(pairs),
+        "settings": asdict(args),
+        "higher_is_better": {m: hib for m, (_, hib, _) in scorers.items()},
+        "mean": means,
+        "skipped_metrics": skipped,
+        "seconds_per_image_student": seconds,
+        "per_image": per_image,
+        "machine": machine_info(),
+    }
+    rows = [{"method": method, **{m: f"{v:.4f}" for m, v in values.items()}} for method, values in means.items()]
+    table = format_table(rows, ["method", *scorers])
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "metrics.json", payload)
+    report = [
+        f"# eval: {loaded.description}",
+        "",
+        f"Data: {args.data} ({len(pairs)} images, degradation {args.degradation}, seed {args.seed}).",
+        "Higher is better for " + ", ".join(m for m, (_, hib, _) in scorers.items() if hib)
+        + "; lower for the rest." if scorers else "",
+        "",
+        table,
+        "",
+    ]
+    if skipped:
+        report += ["Skipped metrics:", ""] + [f"- {m}: {reason}" for m, reason in skipped.items()] + [""]
+    from compress.io import atomic_path
+
+    with atomic_path(output / "report.md") as tmp:
+        tmp.write_text("\n".join(report))
+    print(table)
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return payload
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a student and bicubic upsampling on validation photos",
+        description=evaluate.__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default=None, help="saved student, TSD-SR release root or preset:NAME")
+    parser.add_argument("--base-model", type=Path, default=None, help="SD3 base folder for a TSD-SR release")
+    parser.add_argument("--data", default="val", help="'val' (built-in validation photos) or a folder of HR images")
+    parser.add_argument("--degradation", default="realesrgan", choices=["realesrgan", "bicubic"])
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
+    parser.add_argument("--seed", type=int, default=0, help="degradation seed")
+    parser.add_argument("--hr-size", type=int, default=256, help="HR crop side for the built-in photos (x64)")
+    parser.add_argument("--color-fix", default="none", choices=["adain", "wavelet", "none"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--tile", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("-o", "--output", type=Path, default=Path("runs/eval"), help="run folder")
+    parser.set_defaults(run=run_from_args)
+
+
+def run_from_args(ns: argparse.Namespace) -> int:
+    args = EvalArgs(
+        data=ns.data, degradation=ns.degradation, metrics=tuple(m.strip() for m in ns.metrics.split(",") if m.strip()),
+        seed=ns.seed, hr_size=ns.hr_size, color_fix=ns.color_fix, device=ns.device, dtype=ns.dtype,
+        limit=ns.limit, tile=ns.tile,
+    )
+    evaluate(ns.model, ns.output, args, ns.base_model)
+    return 0

@@ -1,0 +1,5 @@
+"""Errors raised while loading models: one class, so CLIs can print the message and exit non-zero."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model file is missing, corrupt or does not match what the model expects; the message says which."""

@@ -1,0 +1,217 @@
+"""TSD-SR release files: read (the loader a real TSD-SR download goes through) and write (tests, our kit).
+
+Layout of the official release (brief section 5.1), relative to a release root:
+
+    checkpoint/tsdsr/transformer.safetensors    transformer LoRA, r64, keys "transformer.<path>.lora_A.weight"
+    checkpoint/tsdsr/vae.safetensors            VAE-encoder LoRA, r64, keys also "transformer."-prefixed
+    dataset/default/prompt_embeds.pt            torch.save tensor (1, 333, 4096)
+    dataset/default/pool_embeds.pt              torch.save tensor (1, 2048)
+
+plus the SD3 base model in diffusers layout (transformer/, vae/, scheduler/), downloaded separately
+(stabilityai/stable-diffusion-3-medium-diffusers). Our reference kit ships the base inside the root as `base/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.models.errors import ModelLoadError
+from compress.models.student import OneStepSR, StudentSettings
+
+LORA_SUBDIR = Path("checkpoint/tsdsr")
+EMBEDDING_SUBDIR = Path("dataset/default")
+TRANSFORMER_LORA = "transformer.safetensors"
+VAE_LORA = "vae.safetensors"
+PROMPT_EMBEDS = "prompt_embeds.pt"
+POOLED_EMBEDS = "pool_embeds.pt"
+# Where a base model is looked for inside a release root, in order.
+BASE_CANDIDATES = ("base", "stable-diffusion-3-medium-diffusers")
+
+HOW_TO_GET = (
+    "TSD-SR's LoRA and embedding files come from the release linked in the TSD-SR README "
+    "(github.com/Microtreei/TSD-SR: checkpoint/tsdsr/*.safetensors, dataset/default/*.pt); the base model is "
+    "stabilityai/stable-diffusion-3-medium-diffusers in diffusers layout (transformer/, vae/, scheduler/). "
+    "Download them on a machine with access and copy them here; this toolkit never downloads."
+)
+
+
+@dataclass(frozen=True)
+class ReleasePaths:
+    base: Path
+    lora_dir: Path
+    embedding_dir: Path
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {
+            "base transformer config": self.base / "transformer" / "config.json",
+            "base VAE config": self.base / "vae" / "config.json",
+            "transformer LoRA": self.lora_dir / TRANSFORMER_LORA,
+            "VAE-encoder LoRA": self.lora_dir / VAE_LORA,
+            "prompt embedding": self.embedding_dir / PROMPT_EMBEDS,
+            "pooled prompt embedding": self.embedding_dir / POOLED_EMBEDS,
+        }
+
+
+def is_release_root(path: Path) -> bool:
+    return (Path(path) / LORA_SUBDIR).is_dir() or (Path(path) / EMBEDDING_SUBDIR).is_dir()
+
+
+def release_paths(root: Path, base: Path | None = None) -> ReleasePaths:
+    """Resolve a release root (+ optional separate base folder) into the folders the loader reads."""
+    root = Path(root)
+    if base is None:
+        looked = [root / name for name in BASE_CANDIDATES]
+        found = [p for p in looked if (p / "transformer").is_dir()]
+        if not found:
+            raise ModelLoadError(
+                f"no SD3 base model found for release {root}: looked for {', '.join(str(p) for p in looked)} "
+                "(a diffusers folder with transformer/ and vae/). Pass it with --base-model. " + HOW_TO_GET
+            )
+        base = found[0]
+    return ReleasePaths(base=Path(base), lora_dir=root / LORA_SUBDIR, embedding_dir=root / EMBEDDING_SUBDIR)
+
+
+def check_release_files(paths: ReleasePaths) -> None:
+    missing = [f"{what} ({path})" for what, path in paths.files.items() if not path.is_file()]
+    if missing:
+        raise ModelLoadError("TSD-SR release incomplete, missing: " + "; ".join(missing) + ". " + HOW_TO_GET)
+
+
+def load_embedding(path: Path, what: str, width: int, token_axis: bool) -> torch.Tensor:
+    """Read a torch.save'd embedding: (1, tokens, width) / (1, width); the leading batch axis is optional."""
+    try:
+        value = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{what}: {path} is not a readable torch tensor file ({type(err).__name__}: {err})") from err
+    if not isinstance(value, torch.Tensor):
+        raise ModelLoadError(f"{what}: {path} holds a {type(value).__name__}, expected one tensor")
+    want = 3 if token_axis else 2
+    if value.dim() == want - 1:
+        value = value[None]
+    expected = "(1, tokens, %d)" % width if token_axis else "(1, %d)" % width
+    if value.dim() != want or value.shape[0] != 1 or value.shape[-1] != width:
+        raise ModelLoadError(f"{what}: {path} has shape {tuple(value.shape)}, expected {expected} for this base model")
+    return value.float()
+
+
+def load_tsdsr_release(
+    root: Path | str | None = None,
+    *,
+    base: Path | str | None = None,
+    lora_dir: Path | str | None = None,
+    embedding_dir: Path | str | None = None,
+    merge: bool = True,
+    sample_posterior: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> OneStepSR:
+    """Build the TSD-SR student from a release: SD3 base + transformer LoRA + VAE-encoder LoRA + embeddings.
+
+    Either a release `root` (official layout) or the three folders explicitly, as TSD-SR's test script
+    takes them (--pretrained_model_name_or_path, --lora_dir, --embedding_dir). `merge=True` folds the
+    LoRAs into the weights (same function, faster, exportable).
+    """
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from compress.models.checks import load_diffusers_model
+    from compress.models.lora import TRANSFORMER_LORA_TARGETS, load_lora_file, merge_lora, vae_encoder_lora_targets
+
+    if root is not None:
+        paths = release_paths(Path(root), Path(base) if base else None)
+        if lora_dir is not None or embedding_dir is not None:
+            paths = ReleasePaths(
+                paths.base, Path(lora_dir or paths.lora_dir), Path(embedding_dir or paths.embedding_dir)
+            )
+    else:
+        if base is None or lora_dir is None or embedding_dir is None:
+            raise ValueError("give a release root, or all of base, lora_dir and embedding_dir")
+        paths = ReleasePaths(Path(base), Path(lora_dir), Path(embedding_dir))
+    check_release_files(paths)
+
+    transformer = load_diffusers_model(SD3Transformer2DModel, paths.base / "transformer")
+    vae = load_diffusers_model(AutoencoderKL, paths.base / "vae")
+    load_lora_file(transformer, paths.lora_dir / TRANSFORMER_LORA, TRANSFORMER_LORA_TARGETS, "transformer LoRA")
+    load_lora_file(vae, paths.lora_dir / VAE_LORA, vae_encoder_lora_targets(vae), "VAE-encoder LoRA")
+    if merge:
+        merge_lora(transformer)
+        merge_lora(vae)
+    prompt = load_embedding(
+        paths.embedding_dir / PROMPT_EMBEDS, "prompt embedding", transformer.config.joint_attention_dim, True
+    )
+    pooled = load_embedding(
+        paths.embedding_dir / POOLED_EMBEDS, "pooled prompt embedding", transformer.config.pooled_projection_dim, False
+    )
+    settings = StudentSettings(
+        latent_scaling_factor=float(vae.config.scaling_factor),
+        sample_posterior=sample_posterior,
+        description=f"TSD-SR release {paths.lora_dir} on base {paths.base}",
+    )
+    model = OneStepSR(transformer, vae, prompt, pooled, settings)
+    return model.to_runtime(device, dtype)
+
+
+def write_tsdsr_release(
+    root: Path | str,
+    transformer,
+    vae,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    *,
+    base_dir: Path | str | None = None,
+    half_precision: bool = False,
+    null_prompt_embeds: torch.Tensor | None = None,
+    null_pooled_prompt_embeds: torch.Tensor | None = None,
+) -> Path:
+    """Write a release in the official layout from LoRA-carrying (unmerged) transformer and VAE.
+
+    The base weights (LoRA excluded) go to `base_dir` (default root/base) in diffusers layout with an SD3
+    scheduler config; the LoRAs and embeddings to the official paths. `half_precision` stores base weights
+    in fp16, as the SD3 release does.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from compress.io import atomic_path
+    from compress.models.lora import has_lora, save_lora_file
+    from compress.models.presets import SD3_SCHEDULER
+
+    root = Path(root)
+    base_dir = Path(base_dir) if base_dir is not None else root / "base"
+    for name, module in (("transformer", transformer), ("vae", vae)):
+        if not has_lora(module):
+            raise ValueError(f"{name} carries no LoRA adapter; a TSD-SR release is base + LoRA")
+    dtype = torch.float16 if half_precision else torch.float32
+    _save_base_without_lora(transformer, base_dir / "transformer", dtype)
+    _save_base_without_lora(vae, base_dir / "vae", dtype)
+    FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(base_dir / "scheduler")
+    save_lora_file(transformer, root / LORA_SUBDIR / TRANSFORMER_LORA)
+    save_lora_file(vae, root / LORA_SUBDIR / VAE_LORA)
+    embeddings = {
+        root / EMBEDDING_SUBDIR / PROMPT_EMBEDS: prompt_embeds,
+        root / EMBEDDING_SUBDIR / POOLED_EMBEDS: pooled_prompt_embeds,
+    }
+    if null_prompt_embeds is not None and null_pooled_prompt_embeds is not None:
+        embeddings[root / "dataset/null" / PROMPT_EMBEDS] = null_prompt_embeds
+        embeddings[root / "dataset/null" / POOLED_EMBEDS] = null_pooled_prompt_embeds
+    for path, tensor in embeddings.items():
+        with atomic_path(path) as tmp:
+            torch.save(tensor.detach().to("cpu", dtype).contiguous(), str(tmp))
+    return root
+
+
+def _save_base_without_lora(module, folder: Path, dtype: torch.dtype) -> None:
+    """Save the base weights of a peft-wrapped diffusers model under their original names."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    clone = copy.deepcopy(module).to("cpu")
+    for name, sub in list(clone.named_modules()):
+        if isinstance(sub, BaseTunerLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = clone.get_submodule(parent_name) if parent_name else clone
+            setattr(parent, child, sub.get_base_layer())
+    clone.to(dtype).save_pretrained(folder)

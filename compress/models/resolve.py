@@ -1,0 +1,86 @@
+"""Turn a `--model` value into a loaded student, and say plainly which model that was.
+
+Accepted values:
+  (none)                 the built-in reference student if this checkout ships one, else the `tiny` preset
+                         with random weights (announced as such: its output is not a real upscale);
+  preset:NAME[@SEED]     a geometry preset with random weights (structure and speed checks);
+  a folder with student_config.json          a model saved by this toolkit;
+  a TSD-SR release root (checkpoint/tsdsr/, dataset/default/)   loaded through the release loader,
+                         with the SD3 base in ROOT/base, ROOT/stable-diffusion-3-medium-diffusers or --base-model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.models.errors import ModelLoadError
+from compress.models.student import STUDENT_CONFIG_NAME, OneStepSR
+
+# Where the built-in reference student lives once it is trained and shipped (TSD-SR release layout).
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
+
+
+@dataclass
+class LoadedModel:
+    model: OneStepSR
+    description: str
+    is_random: bool
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of float32, float16, bfloat16, got {name!r}")
+    return table[name]
+
+
+def load_model(
+    spec: str | Path | None,
+    *,
+    base_model: Path | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    sample_posterior: bool = False,
+) -> LoadedModel:
+    from compress.models.presets import build_random_components, get_preset
+    from compress.models.release import is_release_root, load_tsdsr_release
+
+    if spec is None:
+        if REFERENCE_DIR.is_dir():
+            loaded = load_model(REFERENCE_DIR, device=device, dtype=dtype, sample_posterior=sample_posterior)
+            loaded.description = f"built-in reference TSD-SR student ({REFERENCE_DIR})"
+            return loaded
+        spec = "preset:tiny"
+    spec_text = str(spec)
+    if spec_text.startswith("preset:"):
+        name, _, seed = spec_text[len("preset:") :].partition("@")
+        preset = get_preset(name)
+        transformer, vae, prompt, pooled = build_random_components(preset, seed=int(seed or 0))
+        model = OneStepSR(transformer, vae, prompt, pooled)
+        model.settings.sample_posterior = sample_posterior
+        description = (
+            f"preset '{preset.name}' with RANDOM weights (seed {int(seed or 0)}): {preset.description}. "
+            "This is a structural stand-in, not a trained model; its output is not a meaningful upscale."
+        )
+        return LoadedModel(model.to_runtime(device, dtype), description, True)
+    path = Path(spec_text)
+    if not path.exists():
+        raise ModelLoadError(
+            f"--model {spec_text}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
+            "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
+        )
+    if (path / STUDENT_CONFIG_NAME).is_file():
+        model = OneStepSR.from_pretrained(path, device=device, dtype=dtype)
+        model.settings.sample_posterior = sample_posterior or model.settings.sample_posterior
+        return LoadedModel(model, f"saved student {path}", False)
+    if is_release_root(path):
+        model = load_tsdsr_release(path, base=base_model, device=device, dtype=dtype, sample_posterior=sample_posterior)
+        return LoadedModel(model, f"TSD-SR release {path}", False)
+    raise ModelLoadError(
+        f"--model {path}: not a model folder. Looked for {path / STUDENT_CONFIG_NAME} (saved student) and "
+        f"{path / 'checkpoint/tsdsr'} / {path / 'dataset/default'} (TSD-SR release); found neither."
+    )

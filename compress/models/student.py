@@ -1,0 +1,222 @@
+"""The TSD-SR one-step student as one module, and the project's own save/load format for it.
+
+Forward pass (brief section 1.5): LR in [0, 1] -> bicubic x4 -> [-1, 1] -> z_L = scaling * E(x)
+(posterior mode by default; TSD-SR samples, which is unseeded there) -> v = transformer(z_L, t=1000,
+fixed prompt) -> z_H = z_L - v (flow matching, sigma = 1) -> D(z_H / scaling) -> clamp.
+The VAE shift factor is never applied, as in TSD-SR.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.models.errors import ModelLoadError
+
+STUDENT_CONFIG_NAME = "student_config.json"
+CONDITIONING_NAME = "conditioning.safetensors"
+FORMAT_TAG = "tinysr-toolkit/one-step-sr"
+
+
+@dataclass
+class StudentSettings:
+    """What, besides the two networks, defines the one-step student (stored as student_config.json)."""
+
+    timestep: float = 1000.0
+    upscale: int = 4
+    latent_scaling_factor: float = 1.5305
+    sample_posterior: bool = False
+    transformer_class: str = "SD3Transformer2DModel"
+    vae_class: str = "AutoencoderKL"
+    description: str = ""
+
+
+def _transformer_classes() -> dict[str, type]:
+    from diffusers import SD3Transformer2DModel
+
+    return {"SD3Transformer2DModel": SD3Transformer2DModel}
+
+
+def _vae_classes() -> dict[str, type]:
+    from diffusers import AutoencoderKL
+
+    return {"AutoencoderKL": AutoencoderKL}
+
+
+class OneStepSR(nn.Module):
+    """LR image -> 4x SR image in one transformer step at t = 1000 with a fixed (cached) prompt."""
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        vae: nn.Module,
+        prompt_embeds: torch.Tensor | None,
+        pooled_prompt_embeds: torch.Tensor | None,
+        settings: StudentSettings | None = None,
+    ):
+        super().__init__()
+        self.transformer = transformer
+        self.vae = vae
+        self.settings = settings or StudentSettings(
+            latent_scaling_factor=float(vae.config.scaling_factor),
+            transformer_class=type(transformer).__name__,
+            vae_class=type(vae).__name__,
+        )
+        # Constant conditioning travels with the module (device/dtype moves) but is saved on its own.
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+        self.register_buffer("pooled_prompt_embeds", pooled_prompt_embeds, persistent=False)
+
+    # -- geometry -------------------------------------------------------------------------------------
+    @property
+    def vae_downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Side lengths (in upscaled pixels) the networks accept: VAE downsampling x patch size."""
+        return self.vae_downsample * int(getattr(self.transformer.config, "patch_size", 1))
+
+    @property
+    def max_latent_side(self) -> int | None:
+        """Largest latent side one transformer call accepts (SD3's position table), None if unbounded."""
+        cfg = self.transformer.config
+        if getattr(cfg, "pos_embed_max_size", None) is None:
+            return None
+        return int(cfg.pos_embed_max_size) * int(cfg.patch_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def to_runtime(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "OneStepSR":
+        """Move to device/dtype and switch to eval mode (dtype cast skipped when already float32)."""
+        self.to(device)
+        if dtype != self.dtype:
+            self.to(dtype)
+        return self.eval()
+
+    # -- the three stages -----------------------------------------------------------------------------
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image in [-1, 1] -> z_L = scaling * E(x) (mode, or a sample when settings.sample_posterior)."""
+        posterior = self.vae.encode(image).latent_dist
+        latent = posterior.sample(generator) if self.settings.sample_posterior else posterior.mode()
+        return latent * self.settings.latent_scaling_factor
+
+    def velocity(self, latent: torch.Tensor) -> torch.Tensor:
+        """v = transformer(z; t = 1000, fixed prompt)."""
+        batch = latent.shape[0]
+        timestep = torch.full((batch,), self.settings.timestep, device=latent.device, dtype=latent.dtype)
+        kwargs = {}
+        if self.prompt_embeds is not None:
+            kwargs["encoder_hidden_states"] = self.prompt_embeds.to(latent.dtype).expand(batch, -1, -1)
+        if self.pooled_prompt_embeds is not None:
+            kwargs["pooled_projections"] = self.pooled_prompt_embeds.to(latent.dtype).expand(batch, -1)
+        return self.transformer(hidden_states=latent, timestep=timestep, return_dict=False, **kwargs)[0]
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """z_H -> image in [-1, 1] (clamped)."""
+        return self.vae.decode(latent / self.settings.latent_scaling_factor).sample.clamp(-1.0, 1.0)
+
+    def restore_latent(self, latent_lr: torch.Tensor) -> torch.Tensor:
+        """One flow-matching Euler step from sigma = 1 to 0: z_H = z_L - v."""
+        return latent_lr - self.velocity(latent_lr)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR batch B x 3 x h x w in [0, 1] -> SR batch B x 3 x 4h x 4w in [0, 1], no tiling.
+
+        Sizes that are not multiples of the network's stride are padded (replicate) and cropped back,
+        so the output is exactly 4x the input. For large images use compress.pipeline.upscale_tensor.
+        """
+        scale = self.settings.upscale
+        height, width = lr.shape[-2] * scale, lr.shape[-1] * scale
+        upsampled = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False)
+        image = (upsampled * 2.0 - 1.0).clamp(-1.0, 1.0)
+        image = pad_to_multiple(image, self.pixel_multiple)
+        sr = self.decode(self.restore_latent(self.encode(image)))
+        return (sr[..., :height, :width] + 1.0) / 2.0
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def save_pretrained(self, path: Path | str, overwrite: bool = False) -> Path:
+        """Write a self-contained folder (diffusers subfolders + conditioning + student_config.json).
+
+        LoRA adapters must be merged first (merge_lora): the saved model is what runs, with no peft
+        wrappers left. The folder appears only when completely written.
+        """
+        from safetensors.torch import save_file
+
+        from compress.io import atomic_dir, write_json
+        from compress.models.lora import has_lora
+
+        if has_lora(self.transformer) or has_lora(self.vae):
+            raise ValueError("merge the LoRA adapters (compress.models.lora.merge_lora) before save_pretrained")
+        path = Path(path)
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            self.transformer.save_pretrained(tmp / "transformer")
+            self.vae.save_pretrained(tmp / "vae")
+            conditioning = {}
+            if self.prompt_embeds is not None:
+                conditioning["prompt_embeds"] = self.prompt_embeds.detach().float().cpu().contiguous()
+            if self.pooled_prompt_embeds is not None:
+                conditioning["pooled_prompt_embeds"] = self.pooled_prompt_embeds.detach().float().cpu().contiguous()
+            if conditioning:
+                save_file(conditioning, str(tmp / CONDITIONING_NAME))
+            payload = {"format": FORMAT_TAG, "version": 1, **asdict(self.settings)}
+            payload["transformer_class"] = type(self.transformer).__name__
+            payload["vae_class"] = type(self.vae).__name__
+            write_json(tmp / STUDENT_CONFIG_NAME, payload)
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> "OneStepSR":
+        """Load a folder written by save_pretrained; every missing or mismatching file is a clear error."""
+        from compress.models.checks import load_diffusers_model
+        from compress.models.lora import read_safetensors
+
+        path = Path(path)
+        config_path = path / STUDENT_CONFIG_NAME
+        if not config_path.is_file():
+            raise ModelLoadError(f"{path} is not a saved student: {STUDENT_CONFIG_NAME} not found in it")
+        try:
+            payload = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"{config_path} is not valid JSON ({err}); the folder is damaged") from err
+        if payload.get("format") != FORMAT_TAG:
+            raise ModelLoadError(f"{config_path}: 'format' is {payload.get('format')!r}, expected {FORMAT_TAG!r}")
+        fields = StudentSettings.__dataclass_fields__
+        settings = StudentSettings(**{k: v for k, v in payload.items() if k in fields})
+        transformer_classes, vae_classes = _transformer_classes(), _vae_classes()
+        for kind, name, known in (
+            ("transformer", settings.transformer_class, transformer_classes),
+            ("vae", settings.vae_class, vae_classes),
+        ):
+            if name not in known:
+                raise ModelLoadError(f"{config_path}: unknown {kind} class {name!r}; known: {sorted(known)}")
+        transformer = load_diffusers_model(transformer_classes[settings.transformer_class], path / "transformer")
+        vae = load_diffusers_model(vae_classes[settings.vae_class], path / "vae")
+        prompt_embeds = pooled = None
+        if (path / CONDITIONING_NAME).exists():
+            conditioning = read_safetensors(path / CONDITIONING_NAME, "prompt conditioning")
+            prompt_embeds = conditioning.get("prompt_embeds")
+            pooled = conditioning.get("pooled_prompt_embeds")
+        model = cls(transformer, vae, prompt_embeds, pooled, settings)
+        return model.to_runtime(device, dtype)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Replicate-pad bottom/right so H and W are multiples of `multiple` (cropped back by the caller)."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return image
+    return F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
