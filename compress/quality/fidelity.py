@@ -128,15 +128,15 @@ def psnr_y(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 0) -> torch.Te
     return psnr(sr, hr, crop_border=crop_border, y_channel=True, color_space="ycbcr")
 
 
-def _gaussian_window(size: int, sigma: float, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """MATLAB ``fspecial('gaussian', size, sigma)``, one copy per channel for a depthwise convolution."""
-    half = (size - 1) / 2.0
-    coords = torch.arange(size, dtype=torch.float64) - half
-    kernel = torch.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2.0 * sigma * sigma))
-    # fspecial zeroes values below eps*max before normalising; irrelevant for 11/1.5 but kept for fidelity.
-    kernel[kernel < torch.finfo(torch.float64).eps * kernel.max()] = 0
-    kernel = kernel / kernel.sum()
-    return kernel.to(dtype).expand(channels, 1, size, size).contiguous()
+def _gaussian_kernel_1d(size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised 1-D Gaussian whose outer product is MATLAB ``fspecial('gaussian', size, sigma)``.
+
+    fspecial also zeroes taps below eps * max; for an 11-tap, sigma 1.5 window the smallest 2-D tap is 1.5e-5 of
+    the largest, so that cut-off never applies and the 2-D window is exactly separable.
+    """
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    kernel = torch.exp(-(coords**2) / (2.0 * sigma * sigma))
+    return (kernel / kernel.sum()).to(dtype)
 
 
 def _ssim_map_mean(x: torch.Tensor, y: torch.Tensor, downsample: bool) -> torch.Tensor:
@@ -148,17 +148,20 @@ def _ssim_map_mean(x: torch.Tensor, y: torch.Tensor, downsample: bool) -> torch.
             x = F.avg_pool2d(x, kernel_size=factor)
             y = F.avg_pool2d(y, kernel_size=factor)
     channels = x.shape[1]
-    window = _gaussian_window(_SSIM_WINDOW_SIZE, _SSIM_WINDOW_SIGMA, channels, x.dtype).to(x.device)
-
-    def local_mean(image: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(image, window, groups=channels)  # 'valid': no padding, like filter2(..., 'valid')
+    # All five local statistics in one depthwise pass, filtering rows then columns ('valid': no padding, like
+    # filter2(..., 'valid')). Separable filtering is the same filter and ~8x faster in float64 on CPU.
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    groups = stacked.shape[1]
+    taps = _gaussian_kernel_1d(_SSIM_WINDOW_SIZE, _SSIM_WINDOW_SIGMA, x.dtype).to(x.device)
+    filtered = F.conv2d(stacked, taps.view(1, 1, -1, 1).expand(groups, 1, -1, 1), groups=groups)
+    filtered = F.conv2d(filtered, taps.view(1, 1, 1, -1).expand(groups, 1, 1, -1), groups=groups)
+    mu_x, mu_y, mean_xx, mean_yy, mean_xy = filtered.split(channels, dim=1)
 
     c1 = (0.01 * _SSIM_DATA_RANGE) ** 2
     c2 = (0.03 * _SSIM_DATA_RANGE) ** 2
-    mu_x, mu_y = local_mean(x), local_mean(y)
-    var_x = local_mean(x * x) - mu_x**2
-    var_y = local_mean(y * y) - mu_y**2
-    cov_xy = local_mean(x * y) - mu_x * mu_y
+    var_x = mean_xx - mu_x**2
+    var_y = mean_yy - mu_y**2
+    cov_xy = mean_xy - mu_x * mu_y
     contrast_structure = F.relu((2 * cov_xy + c2) / (var_x + var_y + c2))
     luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
     return (luminance * contrast_structure).mean(dim=(1, 2, 3))

@@ -315,13 +315,14 @@ def _import_stlpips() -> types.ModuleType:
             stand_in = types.ModuleType(module_name)
             setattr(stand_in, attribute, _unavailable_debug_helper(module_name, attribute))
             stand_ins[module_name] = stand_in
-    previous = {name: sys.modules.get(name) for name in stand_ins}
+    absent = object()
+    previous = {name: sys.modules.get(name, absent) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:
         return importlib.import_module("stlpips_pytorch.stlpips")
     finally:
         for name, module in previous.items():
-            if module is None:
+            if module is absent:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = module
