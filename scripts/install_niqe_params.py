@@ -64,10 +64,11 @@ def download_basicsr_sdist(download_dir: Path) -> Path:
         str(download_dir),
         BASICSR_REQUIREMENT,
     ]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(
-            f"pip download failed (exit {completed.returncode}): {' '.join(command)}\n{completed.stdout}\n{completed.stderr}"
+            f"pip download failed (exit {completed.returncode}): {' '.join(command)}\n"
+            f"{completed.stdout}\n{completed.stderr}"
         )
     sdists = sorted(download_dir.glob("basicsr-1.4.2*.tar.gz"))
     if not sdists:
@@ -146,7 +147,9 @@ def install(dest_dir: Path, sdist: Path | None = None, force: bool = False) -> P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest-dir", type=Path, default=None, help="default: $TORCH_HOME/hub/pyiqa")
-    parser.add_argument("--sdist", type=Path, default=None, help="use this basicsr-1.4.2.tar.gz instead of pip download")
+    parser.add_argument(
+        "--sdist", type=Path, default=None, help="use this basicsr-1.4.2.tar.gz instead of pip download"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     install(args.dest_dir or default_dest_dir(), sdist=args.sdist, force=args.force)

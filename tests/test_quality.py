@@ -314,7 +314,9 @@ def test_niqe_reproduces_pyiqa_calibration_when_installed(calibration_pairs):
 
 
 def _load_install_script():
-    spec = importlib.util.spec_from_file_location("install_niqe_params", REPO_ROOT / "scripts" / "install_niqe_params.py")
+    spec = importlib.util.spec_from_file_location(
+        "install_niqe_params", REPO_ROOT / "scripts" / "install_niqe_params.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -402,7 +404,9 @@ def test_peak_memory_and_machine_info():
         assert info[key], key
     for package in ("torch", "diffusers", "peft", "numpy"):
         assert package in info["packages"]
-    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"] == torch.__version__
+    assert (
+        info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"] == torch.__version__
+    )
     hostname = socket.gethostname()
     if len(hostname) >= 6:
         assert hostname not in json.dumps(info)

@@ -13,7 +13,14 @@ from .cost import (
     measure_latency,
     peak_memory,
 )
-from .fidelity import psnr, psnr_y, quantize_to_uint8_levels, read_image_as_tensor, ssim, ssim_y
+from .fidelity import (
+    psnr,
+    psnr_y,
+    quantize_to_uint8_levels,
+    read_image_as_tensor,
+    ssim,
+    ssim_y,
+)
 from .perceptual import (
     Metric,
     MetricUnavailableError,

@@ -238,7 +238,7 @@ def machine_info() -> dict[str, Any]:
     else:
         device_name = "Apple MPS" if mps_available else f"CPU: {_cpu_model()}"
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "cpu_model": _cpu_model(),
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_available": cores_available,

@@ -184,7 +184,9 @@ def ssim(
     _check_image_pair(sr, hr)
     sr, hr = _crop(sr, crop_border), _crop(hr, crop_border)
     if min(sr.shape[-2:]) < _SSIM_WINDOW_SIZE:
-        raise ValueError(f"SSIM needs at least {_SSIM_WINDOW_SIZE}x{_SSIM_WINDOW_SIZE} pixels, got {tuple(sr.shape[-2:])}")
+        raise ValueError(
+            f"SSIM needs at least {_SSIM_WINDOW_SIZE}x{_SSIM_WINDOW_SIZE} pixels, got {tuple(sr.shape[-2:])}"
+        )
     with torch.no_grad():
         # Luma of the float image, then scaled to 0..255 and rounded, as MATLAB sees a uint8 image.
         sr_plane = (_select_channels(sr.to(torch.float64), y_channel, color_space) * 255.0).round()
@@ -215,4 +217,3 @@ def read_image_as_tensor(path: str | Path) -> torch.Tensor:
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255.0)
     return tensor.unsqueeze(0)
-

@@ -156,10 +156,11 @@ def _file_in_torch_cache(description: str, path: Path, url: str, sha256: str | N
 def _pyiqa_weight_file(caches: CacheLocations, metric: str) -> RequiredFile:
     filename = PYIQA_WEIGHT_FILES[metric]
     path = caches.pyiqa / filename
-    how_to_get = f"download {filename} from pyiqa's weight repo ({PYIQA_WEIGHTS_URL.format(filename=filename)}) and place it at {path}"
+    url = PYIQA_WEIGHTS_URL.format(filename=filename)
+    how_to_get = f"download {filename} from pyiqa's weight repo ({url}) and place it at {path}"
     if metric == "niqe":
         how_to_get = (
-            f"run `python scripts/install_niqe_params.py` (extracts it from the basicsr 1.4.2 sdist on PyPI), or "
+            "run `python scripts/install_niqe_params.py` (extracts it from the basicsr 1.4.2 sdist on PyPI), or "
             + how_to_get
         )
     return RequiredFile(
@@ -259,7 +260,9 @@ class Metric:
         return scores.detach().reshape(sr.shape[0]).to(device="cpu", dtype=torch.float32)
 
     def __repr__(self) -> str:
-        return f"Metric({self.name!r}, kind={self.kind!r}, lower_is_better={self.lower_is_better}, device={self.device})"
+        return (
+            f"Metric({self.name!r}, kind={self.kind!r}, lower_is_better={self.lower_is_better}, device={self.device})"
+        )
 
 
 @dataclass(frozen=True)
@@ -365,7 +368,9 @@ def stlpips_module(net: str = "alex", *, trainable: bool = False) -> torch.nn.Mo
     # `lins` is an nn.ModuleList holding the same lin0..lin4 modules, so its keys are aliases, not extra weights.
     missing = [key for key in result.missing_keys if not key.startswith("lins.")]
     if missing or unexpected:
-        raise RuntimeError(f"ST-LPIPS {net} weights do not match the network: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"ST-LPIPS {net} weights do not match the network: missing {missing}, unexpected {unexpected}"
+        )
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(trainable)
@@ -423,9 +428,7 @@ def _pyiqa_offline(caches: CacheLocations) -> Iterator[types.ModuleType]:
         yield pyiqa
 
 
-def _build_pyiqa(
-    pyiqa_name: str, caches: CacheLocations, device: torch.device
-) -> tuple[ScoreFn, torch.nn.Module]:
+def _build_pyiqa(pyiqa_name: str, caches: CacheLocations, device: torch.device) -> tuple[ScoreFn, torch.nn.Module]:
     with _pyiqa_offline(caches) as pyiqa:
         model = pyiqa.create_metric(pyiqa_name, device=device)
 
@@ -532,7 +535,9 @@ _REGISTRY: dict[str, _MetricSpec] = {
             "nr",
             False,
             lambda c: [
-                _file_in_torch_cache("OpenAI CLIP RN50 weights RN50.pt", c.clip / "RN50.pt", CLIP_RN50_URL, CLIP_RN50_SHA256)
+                _file_in_torch_cache(
+                    "OpenAI CLIP RN50 weights RN50.pt", c.clip / "RN50.pt", CLIP_RN50_URL, CLIP_RN50_SHA256
+                )
             ],
         ),
     )

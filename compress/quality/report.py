@@ -119,18 +119,17 @@ def format_table(
         and all(row.get(key) is None or _is_numeric(row.get(key)) for row in rows)
         for key in keys
     ]
-    widths = [
-        max([len(str(header)), 3] + [len(line[index]) for line in cells]) for index, header in enumerate(headers)
-    ]
+    widths = [max([len(str(header)), 3] + [len(line[index]) for line in cells]) for index, header in enumerate(headers)]
 
     def render(values: Sequence[str]) -> str:
         padded = [
-            value.rjust(width) if right else value.ljust(width)
-            for value, width, right in zip(values, widths, numeric)
+            value.rjust(width) if right else value.ljust(width) for value, width, right in zip(values, widths, numeric)
         ]
         return "| " + " | ".join(padded) + " |"
 
-    separator = "| " + " | ".join(("-" * (w - 1) + ":") if right else "-" * w for w, right in zip(widths, numeric)) + " |"
+    separator = (
+        "| " + " | ".join(("-" * (w - 1) + ":") if right else "-" * w for w, right in zip(widths, numeric)) + " |"
+    )
     lines = [render([str(header) for header in headers]), separator]
     lines.extend(render(line) for line in cells)
     return "\n".join(lines)
