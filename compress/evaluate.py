@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,6 @@ class EvalArgs:
     dtype: str = "float32"
     limit: int | None = None
     tile: str = "auto"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.degradation not in ("realesrgan", "bicubic"):
@@ -108,13 +107,12 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     from tqdm import tqdm
 
     from compress.colorfix import apply_color_fix
-    from compress.io import write_json
     from compress.models.resolve import load_model, parse_dtype
     from compress.pipeline import TileSettings, upscale_tensor
     from compress.quality.cost import machine_info
     from compress.quality.fidelity import psnr_y, ssim_y
     from compress.quality.perceptual import build_metric
-    from compress.quality.report import format_table
+    from compress.quality.report import format_table, write_metrics_json
 
     args = args or EvalArgs()
     loaded = load_model(model, base_model=base_model, device=args.device, dtype=parse_dtype(args.dtype))
@@ -176,7 +174,7 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     table = format_table(rows, ["method", *scorers])
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "metrics.json", payload)
+    write_metrics_json(output / "metrics.json", payload)
     report = [
         f"# eval: {loaded.description}",
         "",

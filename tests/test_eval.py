@@ -31,7 +31,7 @@ def test_eval_writes_metrics_and_report(saved_student, tmp_path, monkeypatch):
             assert math.isfinite(metrics["mean"][method][name])
     # Bicubic on a bicubic-degraded 128 px crop is a real baseline: well above a random image.
     assert metrics["mean"]["bicubic"]["psnr"] > 20
-    assert metrics["machine"]["torch"]
+    assert metrics["machine"]["packages"]["torch"]
     lpips = metrics["skipped_metrics"].get("lpips")
     if lpips is not None:  # weights absent on this machine: the reason names a file, never a silent number
         assert ".pth" in lpips and "lpips" not in metrics["mean"]["student"]
