@@ -177,11 +177,17 @@ def load_lora_file(
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA into its base weight (W' = W + scale * B A) and drop the peft wrappers."""
+    return unwrap_lora(model, merge=True)
+
+
+def unwrap_lora(model: nn.Module, merge: bool) -> nn.Module:
+    """Replace every peft LoRA wrapper by its base layer, merging the adapter in first if `merge`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            module.merge()
+            if merge:
+                module.merge()
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())

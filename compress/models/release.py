@@ -206,12 +206,6 @@ def _save_base_without_lora(module, folder: Path, dtype: torch.dtype) -> None:
     """Save the base weights of a peft-wrapped diffusers model under their original names."""
     import copy
 
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from compress.models.lora import unwrap_lora
 
-    clone = copy.deepcopy(module).to("cpu")
-    for name, sub in list(clone.named_modules()):
-        if isinstance(sub, BaseTunerLayer):
-            parent_name, _, child = name.rpartition(".")
-            parent = clone.get_submodule(parent_name) if parent_name else clone
-            setattr(parent, child, sub.get_base_layer())
-    clone.to(dtype).save_pretrained(folder)
+    unwrap_lora(copy.deepcopy(module).to("cpu"), merge=False).to(dtype).save_pretrained(folder)
