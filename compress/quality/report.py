@@ -6,12 +6,10 @@ complete file or the new complete file, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,29 +46,17 @@ def to_jsonable(value: Any) -> Any:
 
 
 def write_metrics_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON to ``path`` atomically (temp file in the same folder, then os.replace)."""
+    """Write ``payload`` as indented JSON to ``path`` atomically (compress.io.atomic_path), inf/NaN as strings."""
+    from compress.io import atomic_path
+
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n"
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp_name, _default_file_mode())  # mkstemp creates 0600; results should be normally readable
-        os.replace(temp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise
     return target
-
-
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _format_cell(value: Any, float_digits: int) -> str:
