@@ -4,7 +4,8 @@ Latent tiling follows TSD-SR's test script (brief section 1.6): tiles of 64 late
 overlap of 8, the last row/column shifted inside the image, each tile's *velocity* weighted by a separable
 Gaussian window (variance 0.01 on normalised coordinates) and normalised by the summed weights before the
 one-step update. TSD-SR centres the y window at h/2 and x at (w-1)/2; we use (n-1)/2 on both axes.
-VAE tiling is diffusers' AutoencoderKL tiling (overlapping tiles with linear blending).
+VAE tiling is `compress.tiled_vae`: tiles with context padding whose GroupNorm statistics and mid-block
+attention are pooled over the whole image (TSD-SR's vaehook idea), so tiled output stays close to untiled.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.models.student import OneStepSR, pad_to_multiple
+from compress.tiled_vae import tiled_decode, tiled_encode
 
 
 @dataclass
@@ -26,7 +28,7 @@ class TileSettings:
     latent_tile: int = 64
     latent_overlap: int = 8
     vae_tile: int = 512
-    vae_overlap: float = 0.25
+    vae_pad: int = 64
 
     def __post_init__(self):
         if self.mode not in ("auto", "on", "off"):
@@ -37,8 +39,8 @@ class TileSettings:
             raise ValueError(f"--latent-overlap must be in [0, latent tile), got {self.latent_overlap}")
         if self.vae_tile < 64 or self.vae_tile % 64:
             raise ValueError(f"--vae-tile must be a multiple of 64 (>= 64), got {self.vae_tile}")
-        if not 0.0 <= self.vae_overlap < 0.5:
-            raise ValueError(f"vae overlap must be in [0, 0.5), got {self.vae_overlap}")
+        if self.vae_pad < 0 or self.vae_pad % 16:
+            raise ValueError(f"--vae-pad must be a non-negative multiple of 16 pixels, got {self.vae_pad}")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -79,18 +81,22 @@ def tiled_velocity(model: OneStepSR, latent: torch.Tensor, tile: int, overlap: i
     return velocity / weight_sum
 
 
-def configure_vae_tiling(model: OneStepSR, enabled: bool, tile: int, overlap: float) -> None:
-    """Switch diffusers' VAE tiling on/off with our tile size (pixels) and overlap fraction."""
-    vae = model.vae
-    if not hasattr(vae, "enable_tiling"):
-        return
-    if not enabled:
-        vae.disable_tiling()
-        return
-    vae.enable_tiling()
-    vae.tile_sample_min_size = tile
-    vae.tile_latent_min_size = tile // model.vae_downsample
-    vae.tile_overlap_factor = overlap
+def encode_image(model: OneStepSR, image: torch.Tensor, tiled: bool, tiles: TileSettings, generator=None):
+    """model.encode, optionally through the synchronised tiled VAE encoder."""
+    if not tiled:
+        return model.encode(image, generator)
+    posterior = tiled_encode(model.vae, image, tile=tiles.vae_tile, pad=tiles.vae_pad)
+    latent = posterior.sample(generator) if model.settings.sample_posterior else posterior.mode()
+    return latent * model.settings.latent_scaling_factor
+
+
+def decode_latent(model: OneStepSR, latent: torch.Tensor, tiled: bool, tiles: TileSettings) -> torch.Tensor:
+    """model.decode, optionally through the synchronised tiled VAE decoder."""
+    if not tiled:
+        return model.decode(latent)
+    factor = model.vae_downsample
+    scaled = latent / model.settings.latent_scaling_factor
+    return tiled_decode(model.vae, scaled, tile=tiles.vae_tile // factor, pad=tiles.vae_pad // factor).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -113,19 +119,15 @@ def upscale_tensor(
         latent_tile = min(latent_tile, model.max_latent_side)
     big_image = max(image.shape[-2:]) > tiles.vae_tile
     use_vae_tiles = tiles.mode == "on" or (tiles.mode == "auto" and big_image)
-    configure_vae_tiling(model, use_vae_tiles, tiles.vae_tile, tiles.vae_overlap)
-    try:
-        latent_lr = model.encode(image, generator)
-        if tiles.mode == "off":
-            if model.max_latent_side is not None and max(latent_lr.shape[-2:]) > model.max_latent_side:
-                raise ValueError(
-                    f"a {height}x{width} output needs a {latent_lr.shape[-2]}x{latent_lr.shape[-1]} latent, larger than "
-                    f"the transformer's position table ({model.max_latent_side}); use --tile auto or on"
-                )
-            velocity = model.velocity(latent_lr)
-        else:
-            velocity = tiled_velocity(model, latent_lr, latent_tile, tiles.latent_overlap)
-        sr = model.decode(latent_lr - velocity)
-    finally:
-        configure_vae_tiling(model, False, tiles.vae_tile, tiles.vae_overlap)
+    latent_lr = encode_image(model, image, use_vae_tiles, tiles, generator)
+    if tiles.mode == "off":
+        if model.max_latent_side is not None and max(latent_lr.shape[-2:]) > model.max_latent_side:
+            raise ValueError(
+                f"a {height}x{width} output needs a {latent_lr.shape[-2]}x{latent_lr.shape[-1]} latent, larger than "
+                f"the transformer's position table ({model.max_latent_side}); use --tile auto or on"
+            )
+        velocity = model.velocity(latent_lr)
+    else:
+        velocity = tiled_velocity(model, latent_lr, latent_tile, tiles.latent_overlap)
+    sr = decode_latent(model, latent_lr - velocity, use_vae_tiles, tiles)
     return ((sr[..., :height, :width] + 1.0) / 2.0).float().clamp(0.0, 1.0)

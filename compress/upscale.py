@@ -141,12 +141,15 @@ def add_parser(subparsers) -> None:
                         help="latent + VAE tiling: auto tiles only images that need it")
     parser.add_argument("--latent-tile", type=int, default=64, help="latent tile side (64 = 512 px)")
     parser.add_argument("--latent-overlap", type=int, default=8, help="latent tile overlap")
-    parser.add_argument("--vae-tile", type=int, default=512, help="VAE tile side in output pixels")
+    parser.add_argument("--vae-tile", type=int, default=512, help="VAE tile side in output pixels (multiple of 64)")
+    parser.add_argument("--vae-pad", type=int, default=64,
+                        help="context pixels around each VAE tile (multiple of 16); GroupNorm and attention are image-wide")
     parser.set_defaults(run=run_from_args)
 
 
 def run_from_args(ns: argparse.Namespace) -> int:
-    tiles = TileSettings(mode=ns.tile, latent_tile=ns.latent_tile, latent_overlap=ns.latent_overlap, vae_tile=ns.vae_tile)
+    tiles = TileSettings(mode=ns.tile, latent_tile=ns.latent_tile, latent_overlap=ns.latent_overlap, vae_tile=ns.vae_tile,
+                         vae_pad=ns.vae_pad)
     args = UpscaleArgs(
         color_fix=ns.color_fix, device=ns.device, dtype=ns.dtype, sample_posterior=ns.sample_posterior,
         seed=ns.seed, recursive=ns.recursive, max_megapixels=ns.max_megapixels, tiles=tiles,

@@ -72,9 +72,9 @@ def test_large_image_is_tiled_and_exactly_4x(saved_student, tmp_path):
 def test_tiled_and_untiled_outputs_agree(saved_student):
     """Tiling is a memory device, not a different model: measure how close the outputs are.
 
-    With the random-weight tiny student every tile boundary matters more than with trained weights
-    (random attention is global, GroupNorm statistics differ per VAE tile), so the bounds are loose;
-    the measured values are printed (run with -s) and quoted in the README.
+    VAE tiling pools GroupNorm statistics and attention over the whole image, so it alone is nearly
+    exact; the remaining difference is TSD-SR's Gaussian-blended latent tiling, which a random-weight
+    transformer (global attention) exaggerates. Values are printed (run with -s) and quoted in the README.
     """
     from compress import pipeline
     from compress.models.student import OneStepSR
@@ -86,6 +86,9 @@ def test_tiled_and_untiled_outputs_agree(saved_student):
     tiled = upscale_tensor(model, lr, TileSettings(mode="on", latent_tile=32, latent_overlap=8, vae_tile=256))
     assert tiled.shape == untiled.shape == (1, 3, 384, 512)
     psnr_full = float(psnr_y(tiled, untiled))
+    # VAE tiling alone: latent tiles larger than the latent, VAE tiles of 256 px with 64 px context.
+    vae_only = upscale_tensor(model, lr, TileSettings(mode="on", latent_tile=64, vae_tile=256, vae_pad=64))
+    psnr_vae = float(psnr_y(vae_only, untiled))
     # Latent (transformer) tiling alone, VAE untiled: the part TSD-SR tiles with Gaussian blending.
     with torch.no_grad():
         image = (torch.nn.functional.interpolate(lr, size=(384, 512), mode="bicubic") * 2 - 1).clamp(-1, 1)
@@ -93,9 +96,13 @@ def test_tiled_and_untiled_outputs_agree(saved_student):
         whole = model.decode(latent - model.velocity(latent))
         blended = model.decode(latent - pipeline.tiled_velocity(model, latent, 32, 8))
     psnr_latent = float(psnr_y((blended + 1) / 2, (whole + 1) / 2))
-    print(f"PSNR(tiled, untiled): latent tiling only {psnr_latent:.2f} dB, latent + VAE tiling {psnr_full:.2f} dB")
+    print(
+        f"PSNR(tiled, untiled): VAE tiling only {psnr_vae:.2f} dB, latent tiling only {psnr_latent:.2f} dB, "
+        f"latent + VAE tiling {psnr_full:.2f} dB"
+    )
+    assert psnr_vae > 45.0, psnr_vae
     assert psnr_latent > 27.0, psnr_latent
-    assert psnr_full > 18.0, psnr_full
+    assert psnr_full > psnr_latent - 0.5, (psnr_full, psnr_latent)
 
 
 def test_tile_starts_cover_and_stay_inside():
