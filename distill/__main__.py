@@ -1,0 +1,121 @@
+"""python -m distill: re-distil one-step SR students (TSD-SR's TSD, TinySR's KD stages, TAD-SR).
+
+Examples:
+  # list the presets
+  python -m distill presets
+  # TSD-train the reference student from the prior that scripts/train_reference.py wrote
+  python -m distill train --preset reference-tsd --prior runs/reference --out runs/reference-student
+  # the same for 10 steps, then continue to the end
+  python -m distill train --preset reference-tsd --prior runs/reference --out runs/s --max-steps 10
+  python -m distill train --preset reference-tsd --prior runs/reference --out runs/s --resume
+  # re-distil a pruned student from the built-in reference student (TinySR stage 1, then 2)
+  python -m distill train --preset redistill-stage1 --student runs/pruned/model --out runs/kd1
+  python -m distill train --preset redistill-stage2 --student runs/kd1/model --out runs/kd2
+  # override any preset key
+  python -m distill train --preset reference-tsd --prior runs/reference --out runs/s --set loss.tsd=0.5 --set train.steps=200
+  # two processes (CPU or GPUs), no code change
+  accelerate launch --num_processes 2 --cpu -m distill train --preset reference-tsd --prior runs/reference --out runs/ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill.config import ConfigError, RecipeConfig, list_presets, resolve_preset
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of `python -m distill train`, checked before anything heavy is loaded."""
+
+    preset: str
+    out: Path
+    prior: str | None = None
+    student: str | None = None
+    teacher: str | None = None
+    steps: int | None = None
+    max_steps: int | None = None
+    resume: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+        for item in self.overrides:
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        resolve_preset(self.preset)
+        if self.resume and not (self.out / "checkpoints").is_dir():
+            raise ConfigError(f"--resume: {self.out}/checkpoints does not exist; start without --resume")
+
+    def config(self) -> RecipeConfig:
+        overrides = dict(item.split("=", 1) for item in self.overrides)
+        for flag, key in ((self.prior, "model.prior"), (self.student, "model.student_init"),
+                          (self.teacher, "model.kd_teacher"), (self.steps, "train.steps")):
+            if flag is not None:
+                overrides[key] = flag
+        return RecipeConfig.from_yaml(self.preset, overrides)
+
+
+def train(args: TrainArgs) -> int:
+    """Run one distillation recipe into a self-describing run folder."""
+    from distill.recipe import run_recipe
+
+    cfg = args.config()
+    recipe = run_recipe(cfg, args.out, resume=args.resume, max_steps=args.max_steps)
+    if recipe.accelerator.is_main_process:
+        print(f"{cfg.name}: step {recipe.state.step}/{cfg.train.steps}; run folder {args.out}")
+    return 0
+
+
+def presets() -> int:
+    """Print every preset with its description."""
+    for name in list_presets():
+        cfg = RecipeConfig.from_yaml(name)
+        print(f"{name:24s} {cfg.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run a distillation recipe", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, help=f"preset name ({', '.join(list_presets())}) or a YAML file")
+    p.add_argument("--out", required=True, type=Path, help="run folder (config, log.csv, checkpoints, model, metrics)")
+    p.add_argument("--prior", help="prior folder (base/ + embeddings/) from scripts/train_reference.py")
+    p.add_argument("--student", help="student to re-distil: model folder, release root, preset:NAME, or 'builtin'")
+    p.add_argument("--teacher", help="KD teacher student (default of the preset; 'builtin' = shipped reference)")
+    p.add_argument("--steps", type=int, help="total steps of the schedule (overrides train.steps)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (resume later with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset key, e.g. --set loss.tsd=0.5")
+    sub.add_parser("presets", help="list presets")
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "presets":
+            return presets()
+        args = TrainArgs(preset=ns.preset, out=ns.out, prior=ns.prior, student=ns.student, teacher=ns.teacher,
+                         steps=ns.steps, max_steps=ns.max_steps, resume=ns.resume, overrides=ns.overrides)
+        return train(args)
+    except (ConfigError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # model-loading problems carry their own clear message
+        from compress.models.errors import ModelLoadError
+
+        if isinstance(error, ModelLoadError):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Distillation losses: TSD-SR's Target Score Distillation (+ DASM, fake-score update) and TinySR's KD terms.
+
+Everything follows the brief (``shared/research/tinysr-tsdsr.md``) and, where the paper and the released code
+differ, the code:
+
+* TSD gradient (section 2.3): for each evaluation point k,
+  ``w_k * sigma_k^2 * (lam * (v_psi^cfg(zh_k) - v_phi^cfg(zh_k)) + (1 - lam) * (v_psi^cfg(zh_k) - v_psi^cfg(z_k)))``
+  with lam = 0.7 (VSD share), CFG 7.5 for both the teacher psi and the fake score phi, and the **same noise** for
+  the noised student latent zh and the noised HR latent z. It is injected as
+  ``0.5 * mean((zh - stopgrad(zh - grad))^2)`` so d loss / d zh = grad / numel.
+* DASM (section 2.4): N = 4 points about 50 indices apart towards lower sigma, weights (1, .3, .3, .3); between
+  points zh moves with the fake model's CFG velocity and z with the teacher's (Euler, x += (s_next - s_cur) v).
+* Fake-score update (section 2.6): x0-parameterised MSE on the detached student latent, no CFG, random
+  sigmoid(N(0, 1)) per-sample weight.
+* TinySR re-distillation (section 3.4): stage 1 ``|z_stu - z_tea|_1``; stage 2 ``5 L1 + 1 LPIPS + 0.3 GAN``.
+* Adversarial terms: hinge D loss (TAD-SR Eq. 12) with the matching hinge G loss ``-mean(D(fake))`` (TAD-SR Eq. 11);
+  a non-saturating G loss is offered as an alternative. The brief leaves TinySR's GAN form open (open question 8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.flow import Conditioning, FlowSchedule, VelocityFn, cfg_velocity, per_sample
+
+__all__ = [
+    "KDWeights",
+    "TSDConfig",
+    "dasm_indices",
+    "fake_score_loss",
+    "feature_kd_loss",
+    "hinge_d_loss",
+    "hinge_g_loss",
+    "latent_l1",
+    "latent_mse",
+    "nonsaturating_d_loss",
+    "nonsaturating_g_loss",
+    "tsd_gradient",
+    "tsd_loss",
+]
+
+LAST_INDEX = 999  # the cleanest schedule entry; DASM endpoints are clamped to it (brief 2.4)
+FAKE_SCORE_WEIGHTINGS = ("logit_normal", "sigma_sqrt", "none")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TSD configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TSDConfig:
+    """Hyper-parameters of the TSD gradient (defaults: TSD-SR's ``train.py`` / ``train.sh``, brief 2.3-2.4).
+
+    ``vsd_weight`` is lambda: the VSD share (0.7); the TSM share is ``1 - vsd_weight``. ``index_low``/``index_high``
+    bound the teacher index like ``randint(50, 950)``. DASM is off by default because the released ``train.sh``
+    (the stage-1 recipe) does not pass ``--use_dasm``; the paper turns it on in later stages (brief 2.8).
+    """
+
+    vsd_weight: float = 0.7
+    guidance: float = 7.5
+    index_low: int = 50
+    index_high: int = 950
+    dasm: bool = False
+    dasm_points: int = 4
+    dasm_step: int = 50
+    dasm_weights: tuple[float, ...] = (1.0, 0.3, 0.3, 0.3)
+    dasm_random_bias: int = 25
+
+    def __post_init__(self) -> None:
+        self.dasm_weights = tuple(float(w) for w in self.dasm_weights)
+        if not (math.isfinite(self.vsd_weight) and 0.0 <= self.vsd_weight <= 1.0):
+            raise ValueError(f"vsd_weight must be in [0, 1], got {self.vsd_weight}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0.0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if not 0 <= self.index_low < self.index_high <= LAST_INDEX + 1:
+            raise ValueError(
+                f"index_low/index_high must satisfy 0 <= index_low < index_high <= {LAST_INDEX + 1}, "
+                f"got index_low={self.index_low}, index_high={self.index_high}"
+            )
+        if self.dasm_points < 1:
+            raise ValueError(f"dasm_points must be >= 1, got {self.dasm_points}")
+        if self.dasm_step < 1:
+            raise ValueError(f"dasm_step must be >= 1, got {self.dasm_step}")
+        if len(self.dasm_weights) != self.dasm_points:
+            raise ValueError(
+                f"dasm_weights must have dasm_points={self.dasm_points} entries, got {len(self.dasm_weights)}"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in self.dasm_weights):
+            raise ValueError(f"dasm_weights must be finite and >= 0, got {self.dasm_weights}")
+        # The endpoint must stay above the start index, or the points would walk towards *higher* noise.
+        if not 0 <= self.dasm_random_bias < self.dasm_step * self.dasm_points:
+            raise ValueError(
+                f"dasm_random_bias must be in [0, dasm_step * dasm_points = {self.dasm_step * self.dasm_points}), "
+                f"got {self.dasm_random_bias}"
+            )
+
+    @property
+    def num_points(self) -> int:
+        """Number of evaluation points whose gradients are summed (1 without DASM)."""
+        return self.dasm_points if self.dasm else 1
+
+    @property
+    def point_weights(self) -> tuple[float, ...]:
+        return self.dasm_weights if self.dasm else (1.0,)
+
+
+def dasm_indices(index: int, config: TSDConfig, generator: torch.Generator | None = None) -> list[int]:
+    """Schedule indices visited from ``index`` (brief 2.4, "Distribution-Aware Sampling Module").
+
+    Without DASM: ``[index]``. With DASM, as the code does it: the right end is
+    ``min(index + dasm_step * dasm_points + b, 999)`` with ``b`` uniform on the integers ``[-bias, bias]``
+    (``bias = dasm_random_bias``; drawn from ``generator``, not drawn at all when bias is 0), and
+    ``dasm_points + 1`` indices are taken by ``linspace(index, end)`` and rounded to int, so consecutive points are
+    about ``dasm_step`` indices apart towards **lower** sigma.
+
+    The first ``dasm_points`` entries are the N evaluation points (entry 0 is the sampled index itself, with weight
+    ``dasm_weights[0]``); the last entry is only where the final Euler move would land, and since nothing is
+    evaluated there, :func:`tsd_gradient` never makes that move. Whether the original draws b from [-25, 25) or
+    [-25, 25] is not verified (brief: ``randint(-25, 25)``); the symmetric inclusive range is used here.
+    """
+    index = int(index)
+    if not 0 <= index <= LAST_INDEX:
+        raise ValueError(f"index must be in [0, {LAST_INDEX}], got {index}")
+    if not config.dasm:
+        return [index]
+    bias = config.dasm_random_bias
+    b = int(torch.randint(-bias, bias + 1, (1,), generator=generator).item()) if bias > 0 else 0
+    end = min(index + config.dasm_step * config.dasm_points + b, LAST_INDEX)
+    points = torch.linspace(float(index), float(end), config.dasm_points + 1, dtype=torch.float64)
+    return [int(i) for i in points.round().long().tolist()]
+
+
+def _point_table(index: int | Tensor, batch: int, config: TSDConfig, generator: torch.Generator | None) -> Tensor:
+    """(num_points (+1 with DASM), batch) LongTensor of schedule indices, one column per sample."""
+    if isinstance(index, Tensor) and index.ndim > 0:
+        if index.shape != (batch,):
+            raise ValueError(f"per-sample index must have shape ({batch},), got {tuple(index.shape)}")
+        columns = [dasm_indices(int(i), config, generator) for i in index.tolist()]
+    else:
+        columns = [dasm_indices(int(index), config, generator)] * batch  # one index (and one bias) for the batch
+    return torch.tensor(columns, dtype=torch.long).T.contiguous()
+
+
+def _acc_dtype(tensor: Tensor) -> torch.dtype:
+    """float32 for half-precision latents (accumulate safely), float64 kept as is."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _zero_non_finite(tensor: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(tensor), tensor, torch.zeros_like(tensor))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TSD gradient and loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def tsd_gradient(
+    student_latent: Tensor,
+    hr_latent: Tensor,
+    noise: Tensor,
+    index: int | Tensor,
+    schedule: FlowSchedule,
+    teacher_fn: VelocityFn,
+    fake_fn: VelocityFn,
+    cond: Conditioning,
+    uncond: Conditioning | None,
+    config: TSDConfig,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The TSD gradient w.r.t. the student latent zh (brief 2.3; DASM 2.4), computed without autograd.
+
+    ``grad = sum_k w_k sigma_k^2 [lam (v_psi(zh_k) - v_phi(zh_k)) + (1 - lam)(v_psi(zh_k) - v_psi(z_k))]`` where every
+    v is the CFG velocity (``config.guidance`` with ``cond`` / ``uncond``), zh_0 and z_0 are the student and HR
+    latents noised with the **same** ``noise`` at point 0, and between points zh moves with the fake model's CFG
+    velocity and z with the teacher's: ``x <- x + (sigma_next - sigma_cur) v`` (= x - (s_cur - s_next) v).
+
+    ``index`` is a Python int (or 0-d tensor): one schedule index for the whole batch, as TSD-SR's code draws it;
+    a LongTensor of shape (B,) gives each sample its own index (and, with DASM, its own endpoint bias). Draw it with
+    ``schedule.sample_indices(1, g, config.index_low, config.index_high)``. ``generator`` feeds the DASM bias.
+    Non-finite entries of the result are zeroed (TSD-SR zeroes NaNs; an inf would turn the loss into NaN too).
+    Model calls whose result has zero weight and is not needed for a DASM move are skipped. Returned in the
+    student latent's dtype; accumulated in float32.
+    """
+    if not (student_latent.shape == hr_latent.shape == noise.shape):
+        raise ValueError(
+            f"student {tuple(student_latent.shape)}, HR {tuple(hr_latent.shape)} and noise {tuple(noise.shape)} "
+            "latents must have the same shape"
+        )
+    lam = config.vsd_weight
+    batch = student_latent.shape[0]
+    table = _point_table(index, batch, config, generator).to(student_latent.device)
+    weights = config.point_weights
+    n_points = config.num_points
+
+    z_hat = FlowSchedule.add_noise(student_latent, noise, schedule.sigma(table[0]).to(student_latent.dtype))
+    z_real = FlowSchedule.add_noise(hr_latent, noise, schedule.sigma(table[0]).to(hr_latent.dtype))
+    acc = _acc_dtype(student_latent)
+    grad = torch.zeros_like(student_latent, dtype=acc)
+    for k in range(n_points):
+        sigma_k = schedule.sigma(table[k])
+        t_k = schedule.timestep(table[k])
+        moves_on = k + 1 < n_points
+        v_teacher_hat = cfg_velocity(teacher_fn, z_hat, t_k, cond, uncond, config.guidance)
+        v_fake_hat = cfg_velocity(fake_fn, z_hat, t_k, cond, uncond, config.guidance) if lam > 0 or moves_on else None
+        v_teacher_real = (
+            cfg_velocity(teacher_fn, z_real, t_k, cond, uncond, config.guidance) if lam < 1 or moves_on else None
+        )
+        direction = torch.zeros_like(grad)
+        if lam > 0:
+            direction += lam * (v_teacher_hat.to(acc) - v_fake_hat.to(acc))  # VSD
+        if lam < 1:
+            direction += (1 - lam) * (v_teacher_hat.to(acc) - v_teacher_real.to(acc))  # TSM
+        grad += weights[k] * per_sample(sigma_k.to(acc) ** 2, grad) * direction
+        if moves_on:
+            step = per_sample(schedule.sigma(table[k + 1]) - sigma_k, z_hat)
+            z_hat = z_hat + step.to(z_hat.dtype) * v_fake_hat
+            z_real = z_real + step.to(z_real.dtype) * v_teacher_real
+    return _zero_non_finite(grad).to(student_latent.dtype)
+
+
+def tsd_loss(student_latent: Tensor, grad: Tensor) -> Tensor:
+    """``0.5 * mean((zh - stopgrad(zh - grad))^2)``: a scalar whose gradient w.r.t. zh is ``grad / numel``.
+
+    The value itself is ``0.5 * mean(grad^2)`` (only useful for logging). ``grad`` is detached here.
+    """
+    if grad.shape != student_latent.shape:
+        raise ValueError(f"grad {tuple(grad.shape)} and student latent {tuple(student_latent.shape)} differ")
+    target = (student_latent - grad.to(student_latent.dtype)).detach()
+    acc = _acc_dtype(student_latent)
+    return 0.5 * F.mse_loss(student_latent.to(acc), target.to(acc), reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fake-score (LoRA model) update
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def fake_score_loss(
+    fake_fn: VelocityFn,
+    student_latent: Tensor,
+    noise: Tensor,
+    indices: Tensor | int,
+    schedule: FlowSchedule,
+    cond: Conditioning,
+    weighting: str = "logit_normal",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Diffusion loss that teaches the fake score phi the student's output distribution (brief 2.6).
+
+    zh is detached; ``zh_t = sigma eps + (1 - sigma) zh``; ``x0 = zh_t - sigma v_phi(zh_t; t, cond)`` with **no CFG**;
+    ``loss = 0.5 * mean(w * (x0 - zh)^2)`` with a per-sample weight w:
+
+    * ``"logit_normal"`` (TSD-SR default): ``w = sigmoid(u)``, u ~ N(0, 1) drawn from ``generator`` (a random factor
+      that does not depend on sigma, as the code's ``--weighting_scheme logit_normal`` gives);
+    * ``"sigma_sqrt"``: ``w = sigma^-2``;
+    * ``"none"``: ``w = 1``.
+
+    ``indices``: a LongTensor (B,) or one int for the batch (TSD-SR draws ``randint(50, 950)``).
+    """
+    if weighting not in FAKE_SCORE_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {FAKE_SCORE_WEIGHTINGS}, got {weighting!r}")
+    if noise.shape != student_latent.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} and student latent {tuple(student_latent.shape)} differ")
+    z0 = student_latent.detach()
+    batch = z0.shape[0]
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    if indices.ndim == 0:
+        indices = indices.expand(batch)
+    sigma = schedule.sigma(indices).to(z0.device)
+    z_t = FlowSchedule.add_noise(z0, noise, sigma.to(z0.dtype))
+    v = fake_fn(z_t, schedule.timestep(indices).to(z0.device), cond.expand(batch))
+    x0 = FlowSchedule.predict_x0(z_t, v, sigma.to(v.dtype))
+    if weighting == "logit_normal":
+        weight = torch.sigmoid(torch.randn(batch, generator=generator))
+    elif weighting == "sigma_sqrt":
+        weight = sigma.float().cpu() ** -2
+    else:
+        weight = torch.ones(batch)
+    acc = _acc_dtype(x0)
+    weight = per_sample(weight.to(x0.device, acc), x0.to(acc))
+    return 0.5 * (weight * (x0.to(acc) - z0.to(acc)) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain reconstruction and knowledge-distillation terms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{what}: student {tuple(a.shape)} and target {tuple(b.shape)} differ in shape")
+
+
+def latent_mse(student: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error between latents (TSD-SR's stage-1 ``MSE(z, zh)``, brief 2.5)."""
+    _same_shape(student, target, "latent_mse")
+    return F.mse_loss(student.to(_acc_dtype(student)), target.to(_acc_dtype(student)))
+
+
+def latent_l1(student: Tensor, target: Tensor) -> Tensor:
+    """Mean absolute error between latents (TinySR ``|z_stu - z_tea|_1``, brief 3.4)."""
+    _same_shape(student, target, "latent_l1")
+    return F.l1_loss(student.to(_acc_dtype(student)), target.to(_acc_dtype(student)))
+
+
+@dataclass
+class KDWeights:
+    """TinySR stage-2 re-distillation weights (brief 3.4): ``5 L1(latent) + 1 LPIPS + 0.3 GAN``.
+
+    ``feature`` (intermediate-feature KD) is 0: the paper's losses are only latent L1, LPIPS and GAN (open
+    question 9). Stage 1 is the latent L1 alone (set the other weights to 0).
+    """
+
+    latent_l1: float = 5.0
+    perceptual: float = 1.0
+    adversarial: float = 0.3
+    feature: float = 0.0
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"KDWeights.{field.name} must be a finite number >= 0, got {value}")
+
+
+def feature_kd_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
+    """Mean over matched pairs of ``MSE(student_feats[i], teacher_feats[i])``; the teacher side is detached."""
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(
+            f"feature_kd_loss: {len(student_feats)} student features but {len(teacher_feats)} teacher features"
+        )
+    if not student_feats:
+        raise ValueError("feature_kd_loss: no feature pairs given")
+    losses = []
+    for i, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+        if s.shape != t.shape:
+            raise ValueError(
+                f"feature_kd_loss: student_feats[{i}] has shape {tuple(s.shape)} but teacher_feats[{i}] has "
+                f"{tuple(t.shape)}"
+            )
+        losses.append(F.mse_loss(s.float(), t.detach().float()))
+    return torch.stack(losses).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adversarial terms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _heads(logits: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    return [logits] if isinstance(logits, Tensor) else list(logits)
+
+
+def hinge_d_loss(real_logits: Tensor | Sequence[Tensor], fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """Hinge discriminator loss ``mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))`` (TAD-SR Eq. 12).
+
+    Accepts one logit tensor or a list with one tensor per discriminator head; with a list the hinge is applied per
+    head and the per-head losses are averaged (TAD-SR sums over heads; the mean only rescales by 1/K).
+    """
+    real, fake = _heads(real_logits), _heads(fake_logits)
+    if len(real) != len(fake):
+        raise ValueError(f"hinge_d_loss: {len(real)} real heads but {len(fake)} fake heads")
+    per_head = [F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean() for r, f in zip(real, fake, strict=True)]
+    return torch.stack(per_head).mean()
+
+
+def hinge_g_loss(fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """Hinge generator loss ``-mean(D(fake))`` (TAD-SR Eq. 11): the one to pair with :func:`hinge_d_loss`."""
+    return torch.stack([-f.float().mean() for f in _heads(fake_logits)]).mean()
+
+
+def nonsaturating_g_loss(fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """Non-saturating generator loss ``mean(softplus(-D(fake)))`` = -log sigmoid(D(fake)) (alternative to hinge)."""
+    return torch.stack([F.softplus(-f.float()).mean() for f in _heads(fake_logits)]).mean()
+
+
+def nonsaturating_d_loss(real_logits: Tensor | Sequence[Tensor], fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
+    """Logistic discriminator loss ``mean(softplus(-D(real))) + mean(softplus(D(fake)))`` (pairs with the NS G loss)."""
+    real, fake = _heads(real_logits), _heads(fake_logits)
+    if len(real) != len(fake):
+        raise ValueError(f"nonsaturating_d_loss: {len(real)} real heads but {len(fake)} fake heads")
+    per_head = [F.softplus(-r.float()).mean() + F.softplus(f.float()).mean() for r, f in zip(real, fake, strict=True)]
+    return torch.stack(per_head).mean()

@@ -1,0 +1,593 @@
+"""The distillation recipe: load -> setup -> run -> save, on Accelerate.
+
+One loop serves TSD-SR's student training (reconstruction + TSD with a fake-score LoRA model), TinySR's
+re-distillation after pruning (stage 1: latent L1 to the teacher student; stage 2: + perceptual +
+adversarial) and TAD-SR's alternative (HF score distillation + time-aware discriminator): the preset's
+loss weights decide which networks are built and which terms run.
+
+Determinism and resume: every random draw of step s (data items, timestep indices, noise) comes from
+generators seeded by (seed, s, process), and checkpoints hold model/optimiser/scheduler states
+(`accelerator.save_state`), the EMA and the step, so a resumed run reproduces the uninterrupted loss curve.
+Multi-GPU / multi-node: run the same command under `accelerate launch`; gradients are synchronised
+because every trainable network is called through its prepared (DDP) wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.data.pairs import SRPairDataset
+from compress.data.photos import list_photos
+from compress.io import atomic_dir, atomic_path, write_json
+from compress.models.errors import ModelLoadError
+from compress.models.lora import (
+    FAKE_SCORE_LORA_TARGETS,
+    TRANSFORMER_LORA_TARGETS,
+    add_lora,
+    vae_encoder_lora_targets,
+)
+from compress.models.student import OneStepSR, pad_to_multiple
+from distill.config import RecipeConfig
+from distill.flow import Conditioning, FlowSchedule
+from distill.losses import (
+    fake_score_loss,
+    feature_kd_loss,
+    hinge_d_loss,
+    latent_l1,
+    latent_mse,
+    hinge_g_loss,
+    tsd_gradient,
+    tsd_loss,
+)
+
+CHECKPOINT_DIR = "checkpoints"
+LOG_NAME = "log.csv"
+MODEL_DIR = "model"
+
+
+# ----------------------------------------------------------------------------------------------- models
+@dataclass
+class Prior:
+    """The text-to-image flow prior (teacher score model) with its VAE and prompt embeddings."""
+
+    transformer: nn.Module
+    vae: nn.Module
+    cond: Conditioning
+    uncond: Conditioning
+    path: Path
+
+
+PRIOR_EMBEDDING_FILES = {
+    "prompt": ("embeddings/prompt_embeds.pt", "dataset/default/prompt_embeds.pt"),
+    "pooled": ("embeddings/pool_embeds.pt", "dataset/default/pool_embeds.pt"),
+    "null_prompt": ("embeddings/null_prompt_embeds.pt", "dataset/null/prompt_embeds.pt"),
+    "null_pooled": ("embeddings/null_pool_embeds.pt", "dataset/null/pool_embeds.pt"),
+}
+
+
+def load_prior(path: Path | str) -> Prior:
+    """Load `path/base/{transformer,vae}` and the default/null embeddings (our layout or a release's)."""
+    from compress.models.checks import load_diffusers_model
+
+    if str(path) == "builtin":
+        from compress.models.resolve import REFERENCE_DIR
+
+        path = REFERENCE_DIR
+    path = Path(path)
+    if not (path / "base").is_dir():
+        raise ModelLoadError(
+            f"prior folder {path} has no base/ (transformer/, vae/); create it with "
+            f"`python scripts/train_reference.py --out {path} --stage prior` or point model.prior at a release root"
+        )
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    transformer = load_diffusers_model(SD3Transformer2DModel, path / "base" / "transformer")
+    vae = load_diffusers_model(AutoencoderKL, path / "base" / "vae")
+    tensors = {}
+    for key, candidates in PRIOR_EMBEDDING_FILES.items():
+        found = next((path / c for c in candidates if (path / c).is_file()), None)
+        if found is None:
+            raise ModelLoadError(f"prior {path}: missing {key} embedding; looked for {', '.join(candidates)}")
+        tensors[key] = torch.load(found, map_location="cpu", weights_only=True).float()
+    return Prior(
+        transformer.float().eval().requires_grad_(False),
+        vae.float().eval().requires_grad_(False),
+        Conditioning(tensors["prompt"], tensors["pooled"]),
+        Conditioning(tensors["null_prompt"], tensors["null_pooled"]),
+        path,
+    )
+
+
+class ScoreModel(nn.Module):
+    """A transformer as a velocity function v(z_t, t, cond) (what the losses call)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        c = cond.expand(z_t.shape[0])
+        return self.transformer(
+            hidden_states=z_t,
+            timestep=timesteps.to(z_t.dtype),
+            encoder_hidden_states=c.prompt_embeds.to(z_t),
+            pooled_projections=c.pooled.to(z_t),
+            return_dict=False,
+        )[0]
+
+
+class StudentForTraining(nn.Module):
+    """The one-step student's training forward: LR, HR -> student latent, decoded image, HR latent."""
+
+    def __init__(self, student: OneStepSR, hr_vae: nn.Module, collect_features: bool = False):
+        super().__init__()
+        self.student = student
+        self.hr_vae = hr_vae  # the VAE without encoder LoRA: HR latents are the base VAE's (TSD-SR)
+        self.collect_features = collect_features
+
+    def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor | list]:
+        student = self.student
+        image = upsampled_input(lr, student)
+        latent_lr = student.encode(image)
+        features: list[torch.Tensor] = []
+        handles = register_block_hooks(student.transformer, features) if self.collect_features else []
+        try:
+            latent = latent_lr - student.velocity(latent_lr)
+        finally:
+            for handle in handles:
+                handle.remove()
+        decoded = student.vae.decode(latent / student.settings.latent_scaling_factor).sample.clamp(-1, 1)
+        with torch.no_grad():
+            hr_latent = self.hr_vae.encode(hr * 2 - 1).latent_dist.mode() * student.settings.latent_scaling_factor
+        return {"latent": latent, "image": decoded, "hr_latent": hr_latent, "features": features}
+
+
+def upsampled_input(lr: torch.Tensor, model: OneStepSR) -> torch.Tensor:
+    scale = model.settings.upscale
+    image = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False) * 2 - 1
+    return pad_to_multiple(image.clamp(-1, 1), model.pixel_multiple)
+
+
+def register_block_hooks(transformer: nn.Module, sink: list) -> list:
+    """Collect the image-stream output of every joint block (feature KD)."""
+    blocks = getattr(transformer, "transformer_blocks", [])
+    return [b.register_forward_hook(lambda _m, _i, out: sink.append(out[-1] if isinstance(out, tuple) else out))
+            for b in blocks]
+
+
+# ----------------------------------------------------------------------------------------------- data
+class PairBatches:
+    """Batch of step s for process r: items (s * world + r) * batch ... of deterministic pair datasets."""
+
+    def __init__(self, cfg: RecipeConfig, world: int, rank: int):
+        train = cfg.train
+        photos = list_photos("train")
+        length = 2**31 - 1
+        self.realistic = SRPairDataset(photos, train.hr_size, "realesrgan", seed=train.seed, length=length)
+        self.bicubic = SRPairDataset(photos, train.hr_size, "bicubic", seed=train.seed, length=length)
+        self.train, self.world, self.rank = train, world, rank
+
+    def _source(self, item: int) -> SRPairDataset:
+        if self.train.degradation == "realesrgan":
+            return self.realistic
+        if self.train.degradation == "bicubic":
+            return self.bicubic
+        # mixed: a fixed hash of the item decides, so resume and other processes agree
+        return self.bicubic if (item * 2654435761 % 2**32) / 2**32 < self.train.bicubic_fraction else self.realistic
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (step * self.world + self.rank) * self.train.batch_size
+        items = [self._source(i)[i] for i in range(first, first + self.train.batch_size)]
+        return torch.stack([x["lr"] for x in items]), torch.stack([x["hr"] for x in items])
+
+
+def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 4099 + rank) * 31 + stream)
+
+
+# ----------------------------------------------------------------------------------------------- recipe
+@dataclass
+class RunState:
+    step: int = 0
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+class DistillRecipe:
+    """load() the networks, setup() optimisers and Accelerate, run() the loop, save() the student."""
+
+    def __init__(self, cfg: RecipeConfig, out: Path | str, resume: bool = False, max_steps: int | None = None,
+                 progress: bool = True):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.resume = resume
+        self.stop_at = min(cfg.train.steps, max_steps) if max_steps else cfg.train.steps
+        self.progress = progress
+        self.state = RunState()
+
+    # -- load -----------------------------------------------------------------------------------------
+    def load(self) -> "DistillRecipe":
+        from compress.models.resolve import load_model
+
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        set_seed(cfg.train.seed)  # LoRA initialisation (gaussian A) must be the same in every run and process
+        self.prior = load_prior(cfg.model.prior) if cfg.model.prior else None
+        if cfg.model.student_init == "lora":
+            transformer = copy.deepcopy(self.prior.transformer)
+            vae = copy.deepcopy(self.prior.vae)
+            hr_vae = copy.deepcopy(self.prior.vae)
+            add_lora(transformer, cfg.model.student_rank, TRANSFORMER_LORA_TARGETS)
+            add_lora(vae, cfg.model.vae_rank, vae_encoder_lora_targets(vae))
+            student = OneStepSR(transformer, vae, self.prior.cond.prompt_embeds, self.prior.cond.pooled)
+            for name, p in student.named_parameters():
+                p.requires_grad_("lora_" in name)
+        else:
+            student = load_model(None if cfg.model.student_init == "builtin" else cfg.model.student_init).model
+            student = student.float().train()
+            hr_vae = copy.deepcopy(student.vae)
+            student.requires_grad_(False)
+            if cfg.model.trainable == "full":
+                student.transformer.requires_grad_(True)
+            else:
+                add_lora(student.transformer, cfg.model.student_rank, TRANSFORMER_LORA_TARGETS)
+                for name, p in student.transformer.named_parameters():
+                    p.requires_grad_("lora_" in name)
+        hr_vae.eval().requires_grad_(False)
+        student.vae.decoder.requires_grad_(False)  # the decoder stays frozen (TSD-SR); gradients pass through
+        if cfg.train.gradient_checkpointing and hasattr(student.transformer, "enable_gradient_checkpointing"):
+            student.transformer.enable_gradient_checkpointing()
+        self.student = student
+        self.trainee = StudentForTraining(student, hr_vae, collect_features=cfg.loss.kd_feature > 0)
+
+        self.kd_teacher = None
+        if cfg.loss.needs_kd_teacher:
+            spec = None if cfg.model.kd_teacher == "builtin" else cfg.model.kd_teacher
+            self.kd_teacher = load_model(spec).model.float().eval().requires_grad_(False)
+
+        self.fake = None
+        if cfg.loss.tsd > 0:
+            fake_transformer = copy.deepcopy(self.prior.transformer)
+            add_lora(fake_transformer, cfg.model.fake_rank, FAKE_SCORE_LORA_TARGETS)
+            for name, p in fake_transformer.named_parameters():
+                p.requires_grad_("lora_" in name)
+            self.fake = ScoreModel(fake_transformer)
+        self.teacher_score = ScoreModel(self.prior.transformer) if self.prior is not None else None
+
+        self.discriminator = None
+        if cfg.loss.adversarial > 0:
+            from distill.tadsr import TimeAwareDiscriminator
+
+            self.discriminator = TimeAwareDiscriminator(self.prior.transformer, num_blocks=cfg.model.discriminator_blocks)
+            self.d_trainable = [p for p in self.discriminator.parameters() if p.requires_grad]
+
+        self.perceptual, self.perceptual_name = None, None
+        if cfg.loss.perceptual > 0:
+            from distill.perceptual import build_perceptual_loss
+
+            self.perceptual, self.perceptual_name = build_perceptual_loss(cfg.loss.perceptual_net)
+        self.schedule = FlowSchedule()
+        return self
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def setup(self) -> "DistillRecipe":
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        acc = self.accelerator
+        self.data = PairBatches(cfg, acc.num_processes, acc.process_index)
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                     weight_decay=cfg.optim.weight_decay)
+
+        trainable = [p for p in self.trainee.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the student has no trainable parameters; check model.trainable")
+        self.optimizer = adamw(trainable, cfg.optim.lr)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.trainee, self.optimizer, self.lr_scheduler = acc.prepare(self.trainee, self.optimizer, self.lr_scheduler)
+        if self.fake is not None:
+            self.fake_optimizer = adamw([p for p in self.fake.parameters() if p.requires_grad], cfg.optim.lr_fake)
+            self.fake, self.fake_optimizer = acc.prepare(self.fake, self.fake_optimizer)
+        if self.discriminator is not None:
+            self.d_optimizer = adamw(self.d_trainable, cfg.optim.lr_discriminator)
+            self.discriminator, self.d_optimizer = acc.prepare(self.discriminator, self.d_optimizer)
+        for module in (self.teacher_score, self.kd_teacher, self.perceptual):
+            if module is not None:
+                module.to(acc.device)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        self.trainable = trainable
+        if self.resume:
+            self._restore()
+        elif acc.is_main_process:
+            self._start_folder()
+        return self
+
+    def _lr_lambda(self, step: int) -> float:
+        optim = self.cfg.optim
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - optim.warmup_steps) / max(1, self.cfg.train.steps - optim.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _start_folder(self) -> None:
+        if (self.out / CHECKPOINT_DIR).exists() or (self.out / MODEL_DIR).exists():
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.out / "config.yaml") as tmp:
+            import yaml
+
+            tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        folder = self.out / CHECKPOINT_DIR
+        found = [p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()] if folder.is_dir() else []
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def _save_checkpoint(self) -> None:
+        acc = self.accelerator
+        target = self.out / CHECKPOINT_DIR / f"step-{self.state.step:07d}"
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with atomic_dir(target, overwrite=True) as tmp:
+                acc.save_state(str(tmp))
+                write_json(tmp / "trainer_state.json", {"step": self.state.step, "seconds": self.state.seconds})
+            for old in self._checkpoints()[: -self.cfg.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _restore(self) -> None:
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"--resume: no checkpoint under {self.out / CHECKPOINT_DIR} (looked for step-*/trainer_state.json); "
+                "start without --resume"
+            )
+        latest = checkpoints[-1]
+        self.accelerator.load_state(str(latest))
+        saved = json.loads((latest / "trainer_state.json").read_text())
+        self.state.step, self.state.seconds = int(saved["step"]), float(saved["seconds"])
+        log = self.out / LOG_NAME
+        if log.is_file() and self.accelerator.is_main_process:  # drop rows written after the checkpoint
+            with log.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.state.step]
+            self._write_log(rows, mode="w")
+            self.state.history = rows
+
+    # -- run ------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        loss_cfg = cfg.loss
+        rank = acc.process_index
+        lr, hr = self.data(step)
+        lr, hr = lr.to(acc.device), hr.to(acc.device)
+        g_index = step_generator(cfg.train.seed, step, rank, 1)
+        g_noise = step_generator(cfg.train.seed, step, rank, 2)
+
+        self.trainee.train()
+        with acc.accumulate(self.trainee), acc.autocast():
+            out = self.trainee(lr, hr)
+            latent, hr_latent = out["latent"], out["hr_latent"]
+            terms: dict[str, torch.Tensor] = {}
+            if loss_cfg.perceptual > 0:
+                height, width = hr.shape[-2:]
+                terms["perceptual"] = self.perceptual((out["image"][..., :height, :width] + 1) / 2, hr).mean()
+            if loss_cfg.latent_mse > 0:
+                terms["latent_mse"] = latent_mse(latent, hr_latent)
+            if loss_cfg.pixel_l1 > 0:
+                terms["pixel_l1"] = F.l1_loss((out["image"][..., : hr.shape[-2], : hr.shape[-1]] + 1) / 2, hr)
+            noise = torch.randn(latent.shape, generator=g_noise).to(latent)
+            if loss_cfg.tsd > 0:
+                index = int(self.schedule.sample_indices(1, g_index, loss_cfg.tsd_settings.index_low,
+                                                         loss_cfg.tsd_settings.index_high)[0])
+                grad = tsd_gradient(latent.detach(), hr_latent, noise, index, self.schedule, self.teacher_score,
+                                    self.fake, self.prior.cond, self.prior.uncond, loss_cfg.tsd_settings, g_index)
+                terms["tsd"] = tsd_loss(latent, grad)
+            teacher_latent = None
+            if self.kd_teacher is not None:
+                with torch.no_grad():
+                    teacher_features: list[torch.Tensor] = []
+                    handles = (register_block_hooks(self.kd_teacher.transformer, teacher_features)
+                               if loss_cfg.kd_feature > 0 else [])
+                    try:
+                        teacher_latent = self.kd_teacher.restore_latent(
+                            self.kd_teacher.encode(upsampled_input(lr, self.kd_teacher)))
+                    finally:
+                        for h in handles:
+                            h.remove()
+                if loss_cfg.kd_latent_l1 > 0:
+                    terms["kd_latent_l1"] = latent_l1(latent, teacher_latent)
+                if loss_cfg.kd_latent_mse > 0:
+                    terms["kd_latent_mse"] = latent_mse(latent, teacher_latent)
+                if loss_cfg.kd_feature > 0:
+                    terms["kd_feature"] = feature_kd_loss(out["features"], teacher_features)
+            if loss_cfg.hf_score > 0:
+                from distill.tadsr import (
+                    hf_score_distillation_gradient,
+                    hf_score_distillation_loss,
+                    sample_small_indices,
+                )
+
+                small = sample_small_indices(self.schedule, latent.shape[0], g_index)
+                grad = hf_score_distillation_gradient(latent.detach(), teacher_latent, noise, small, self.schedule,
+                                                      self.teacher_score, self.prior.cond)
+                terms["hf_score"] = hf_score_distillation_loss(latent, grad)
+            if loss_cfg.adversarial > 0:
+                from distill.tadsr import discriminator_inputs
+
+                d_indices = self.schedule.sample_indices(latent.shape[0], g_index, 0, 1000)
+                fake_in, timesteps = discriminator_inputs(latent, noise, d_indices, self.schedule)
+                for p in self.d_trainable:  # the generator step must not move the discriminator
+                    p.requires_grad_(False)
+                # TAD-SR Eq. 11-12: hinge losses, one per time-conditioned head
+                terms["adversarial"] = hinge_g_loss(self.discriminator(fake_in, timesteps, self.prior.cond, return_all=True))
+            total = sum(getattr(loss_cfg, name) * value for name, value in terms.items())
+            acc.backward(total)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        logs = {name: float(value.detach()) for name, value in terms.items()}
+        logs["total"] = float(total.detach())
+        if self.fake is not None:  # TSD-SR: the fake-score model is updated after every student step
+            indices = self.schedule.sample_indices(latent.shape[0], g_index, loss_cfg.tsd_settings.index_low,
+                                                   loss_cfg.tsd_settings.index_high)
+            fake_noise = torch.randn(latent.shape, generator=g_noise).to(latent)
+            loss_fake = fake_score_loss(self.fake, latent.detach(), fake_noise, indices, self.schedule,
+                                        self.prior.cond, weighting=loss_cfg.fake_weighting, generator=g_index)
+            acc.backward(loss_fake)
+            acc.clip_grad_norm_([p for p in self.fake.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            self.fake_optimizer.step()
+            self.fake_optimizer.zero_grad(set_to_none=True)
+            logs["fake_score"] = float(loss_fake.detach())
+        if self.discriminator is not None:
+            from distill.tadsr import discriminator_inputs
+
+            for p in self.d_trainable:
+                p.requires_grad_(True)
+            d_indices = self.schedule.sample_indices(latent.shape[0], g_index, 0, 1000)
+            real_in, t_real = discriminator_inputs(hr_latent, noise, d_indices, self.schedule)
+            fake_in, t_fake = discriminator_inputs(latent.detach(), noise, d_indices, self.schedule)
+            loss_d = hinge_d_loss(self.discriminator(real_in, t_real, self.prior.cond, return_all=True),
+                                  self.discriminator(fake_in, t_fake, self.prior.cond, return_all=True))
+            acc.backward(loss_d)
+            self.d_optimizer.step()
+            self.d_optimizer.zero_grad(set_to_none=True)
+            logs["discriminator"] = float(loss_d.detach())
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return logs
+
+    def run(self) -> "DistillRecipe":
+        from tqdm.auto import tqdm
+
+        acc = self.accelerator
+        bar = tqdm(total=self.stop_at, initial=self.state.step, desc=self.cfg.name, unit="step",
+                   disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        last = time.time()
+        while self.state.step < self.stop_at:
+            step = self.state.step
+            logs = self.train_step(step)
+            self.state.step = step + 1
+            now = time.time()
+            self.state.seconds += now - last
+            last = now
+            if acc.is_main_process and (self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.stop_at):
+                row = {"step": self.state.step, "seconds": round(self.state.seconds, 3), **logs}
+                self.state.history.append(row)
+                self._write_log([row], mode="a")
+                bar.set_postfix(loss=f"{logs['total']:.4f}")
+            bar.update(1)
+            if self.state.step % self.cfg.train.checkpoint_every == 0 or self.state.step == self.stop_at:
+                self._save_checkpoint()
+        bar.close()
+        return self
+
+    def _write_log(self, rows: list[dict], mode: str) -> None:
+        path = self.out / LOG_NAME
+        columns = ["step", "seconds", "total", "lr", "perceptual", "latent_mse", "pixel_l1", "tsd", "kd_latent_l1",
+                   "kd_latent_mse", "kd_feature", "hf_score", "adversarial", "fake_score", "discriminator"]
+        new_file = mode == "w" or not path.exists()
+        with path.open(mode if not new_file else "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    # -- save -----------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write the student (release layout for LoRA students, a model folder otherwise) + metrics/report."""
+        from compress.models.release import write_tsdsr_release
+        from compress.quality.cost import count_params, machine_info
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        if self.state.step < self.cfg.train.steps:
+            print(f"stopped at step {self.state.step} of {self.cfg.train.steps}; resume with --resume")
+            return None
+        trainee = acc.unwrap_model(self.trainee)
+        if self.ema is not None:
+            self.ema.store(self.trainable)
+            self.ema.copy_to(self.trainable)
+        student = trainee.student
+        target = self.out / MODEL_DIR
+        if self.cfg.model.student_init == "lora":
+            with atomic_dir(target, overwrite=True) as tmp:
+                write_tsdsr_release(
+                    tmp, student.transformer, student.vae, student.prompt_embeds, student.pooled_prompt_embeds,
+                    half_precision=self.cfg.train.save_half,
+                    null_prompt_embeds=self.prior.uncond.prompt_embeds,
+                    null_pooled_prompt_embeds=self.prior.uncond.pooled,
+                )
+        else:
+            from compress.models.lora import unwrap_lora
+
+            saved = copy.deepcopy(student)
+            unwrap_lora(saved.transformer, merge=True)
+            saved.save_pretrained(target, overwrite=True)
+        if self.ema is not None:
+            self.ema.restore(self.trainable)
+        last = self.state.history[-20:]
+        final = {k: sum(float(r[k]) for r in last if r.get(k) not in (None, "")) / max(1, len(last))
+                 for k in (last[0].keys() if last else []) if k not in ("step", "seconds", "lr")}
+        metrics = {
+            "recipe": self.cfg.name,
+            "steps": self.state.step,
+            "train_seconds": round(self.state.seconds, 1),
+            "processes": acc.num_processes,
+            "final_losses_mean_last_20": {k: round(v, 6) for k, v in final.items()},
+            "perceptual_loss": self.perceptual_name,
+            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "student_parameters": {"transformer": count_params(student.transformer), "vae": count_params(student.vae)},
+            "machine": machine_info(),
+        }
+        write_json(self.out / "metrics.json", metrics)
+        lines = [
+            f"# Distillation run `{self.cfg.name}`", "", self.cfg.description, "",
+            f"- steps: {self.state.step} ({metrics['train_seconds']} s on {acc.num_processes} process(es), "
+            f"{metrics['machine'].get('cpu', metrics['machine'].get('device', ''))})",
+            f"- perceptual loss: {self.perceptual_name}",
+            f"- trainable parameters: {metrics['trainable_parameters']:,}",
+            "- final losses (mean of the last 20 logged steps): "
+            + ", ".join(f"{k} {v:.4g}" for k, v in final.items()),
+            f"- student: `{target}` ({'TSD-SR release layout' if self.cfg.model.student_init == 'lora' else 'model folder'})",
+            "- files: config.yaml, log.csv, metrics.json, checkpoints/, model/",
+        ]
+        with atomic_path(self.out / "report.md") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        return target
+
+
+def run_recipe(cfg: RecipeConfig, out: Path | str, resume: bool = False, max_steps: int | None = None,
+               progress: bool = True) -> DistillRecipe:
+    recipe = DistillRecipe(cfg, out, resume=resume, max_steps=max_steps, progress=progress)
+    recipe.load().setup().run().save()
+    return recipe
