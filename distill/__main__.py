@@ -13,8 +13,8 @@ Examples:
   python -m distill train --preset redistill-stage2 --student runs/kd1/model --out runs/kd2
   # override any preset key
   python -m distill train --preset reference-tsd --prior runs/reference --out runs/s --set loss.tsd=0.5 --set train.steps=200
-  # two processes (CPU or GPUs), no code change
-  accelerate launch --num_processes 2 --cpu -m distill train --preset reference-tsd --prior runs/reference --out runs/ddp
+  # two processes, no code change (on a machine without GPUs, --multi_gpu runs 2 CPU processes over gloo)
+  accelerate launch --multi_gpu --num_processes 2 -m distill train --preset reference-tsd --prior runs/reference --out runs/ddp
 """
 
 from __future__ import annotations

@@ -137,8 +137,9 @@ def test_missing_prior_is_one_clear_error(tmp_path):
 def test_accelerate_launch_two_cpu_processes(tiny_prior, tmp_path):
     launcher = str(Path(sys.executable).parent / "accelerate")
     out = tmp_path / "ddp"
-    cmd = [launcher, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--cpu", "-m", "distill", "train", "--preset", "reference-tsd",
+    # --multi_gpu selects accelerate's torchrun launcher; without GPUs each process runs on CPU with gloo.
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "distill", "train", "--preset", "reference-tsd",
            "--prior", str(tiny_prior), "--steps", "2", "--out", str(out), *FAST]
     env = dict(__import__("os").environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
