@@ -1,0 +1,84 @@
+"""Quality table of the shipped reference students beside bicubic, in both degradation settings.
+
+Runs `compress.evaluate.evaluate` (the code behind `python -m compress eval`) for every model and
+degradation on the 7 built-in validation photos and prints one markdown table with every offline
+metric; unavailable metrics are listed as skipped with the missing file. Writes OUT/comparison.md and
+OUT/comparison.json (with machine and package versions).
+
+    python scripts/compare_reference.py --out runs/compare
+    python scripts/compare_reference.py --model tsd=compress/assets/reference \
+        --model rec=compress/assets/reference-rec --base-model compress/assets/reference/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_MODELS = {
+    "TSD student (shipped default)": str(REPO / "compress/assets/reference"),
+    "reconstruction-only student": str(REPO / "compress/assets/reference-rec"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from compress.evaluate import EvalArgs, evaluate
+    from compress.quality.cost import machine_info
+    from compress.quality.report import format_table
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
+                        help="model to score (repeatable); default: the shipped TSD and reconstruction-only students")
+    parser.add_argument("--base-model", type=Path, default=REPO / "compress/assets/reference/base",
+                        help="base folder for releases that ship only LoRA + embeddings")
+    parser.add_argument("--hr-size", type=int, default=256)
+    parser.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
+    ns = parser.parse_args(argv)
+    models = dict(item.split("=", 1) for item in ns.model) if ns.model else DEFAULT_MODELS
+    for label, path in models.items():
+        if not Path(path).exists():
+            print(f"error: model {label!r}: {path} does not exist", file=sys.stderr)
+            return 2
+
+    results = {}
+    rows = []
+    for degradation in ("realesrgan", "bicubic"):
+        bicubic = None
+        for label, path in models.items():
+            args = EvalArgs(degradation=degradation, hr_size=ns.hr_size, color_fix=ns.color_fix)
+            base = ns.base_model if not (Path(path) / "base").is_dir() else None
+            payload = evaluate(path, ns.out / f"{degradation}-{Path(path).name}", args, base_model=base)
+            results[f"{degradation}/{label}"] = payload
+            bicubic = payload["mean"]["bicubic"]
+            rows.append({"degradation": degradation, "method": label,
+                         **{m: f"{v:.4f}" for m, v in payload["mean"]["student"].items()}})
+        rows.append({"degradation": degradation, "method": "bicubic",
+                     **{m: f"{v:.4f}" for m, v in bicubic.items()}})
+    metrics = [k for k in rows[0] if k not in ("degradation", "method")]
+    table = format_table(rows, ["degradation", "method", *metrics])
+    skipped = next(iter(results.values()))["skipped_metrics"]
+    info = machine_info()
+    lines = [
+        "Validation: 7 built-in photos, 256x256 HR centre crops, x4, degradation seed 0; "
+        f"colour fix: {ns.color_fix}. Higher is better for psnr, ssim, musiq, maniqa, clipiqa; lower for the rest.",
+        "",
+        table,
+        "",
+    ]
+    lines += [f"- skipped {m}: {reason}" for m, reason in skipped.items()]
+    lines += ["", f"Machine: {info.get('cpu', '')}; torch {info.get('packages', {}).get('torch', '')}."]
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / "comparison.md").write_text("\n".join(lines) + "\n")
+    (ns.out / "comparison.json").write_text(json.dumps({"rows": rows, "skipped": skipped, "machine": info}, indent=2))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
