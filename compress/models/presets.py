@@ -115,6 +115,45 @@ PRESETS: dict[str, GeometryPreset] = {
         },
         prompt_tokens=12,
     ),
+    # The built-in miniature reference kit (compress.reference trains it on CPU): SD3-medium topology scaled
+    # down. 8 joint blocks (2:4 depth pruning applies), 4 x 32 heads = 128 wide, patch 2; pos_embed_max_size 64
+    # so one call takes a 128-latent (1024 px) tile. VAE: 4 levels (8x), 16 latent channels, mid-block
+    # attention, no quant convs. The scaling factor is a placeholder: training sets 1 / std(latents).
+    "reference": GeometryPreset(
+        name="reference",
+        description="reference kit: 8 joint blocks, 4x32 heads (128 wide), 4-level VAE [32,64,128,128] (8x), "
+        "16 latent channels, 8-token prompt",
+        transformer={
+            "sample_size": 32,
+            "patch_size": 2,
+            "in_channels": 16,
+            "num_layers": 8,
+            "attention_head_dim": 32,
+            "num_attention_heads": 4,
+            "joint_attention_dim": 64,
+            "caption_projection_dim": 128,
+            "pooled_projection_dim": 32,
+            "out_channels": 16,
+            "pos_embed_max_size": 64,
+        },
+        vae={
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [32, 64, 128, 128],
+            "layers_per_block": 1,
+            "act_fn": "silu",
+            "latent_channels": 16,
+            "norm_num_groups": 8,
+            "sample_size": 256,
+            "scaling_factor": 1.0,
+            "shift_factor": 0.0,
+            "use_quant_conv": False,
+            "use_post_quant_conv": False,
+        },
+        prompt_tokens=8,
+    ),
 }
 
 
