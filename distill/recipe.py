@@ -573,7 +573,7 @@ class DistillRecipe:
         lines = [
             f"# Distillation run `{self.cfg.name}`", "", self.cfg.description, "",
             f"- steps: {self.state.step} ({metrics['train_seconds']} s on {acc.num_processes} process(es), "
-            f"{metrics['machine'].get('cpu', metrics['machine'].get('device', ''))})",
+            f"{metrics['machine'].get('cpu_model', '')})",
             f"- perceptual loss: {self.perceptual_name}",
             f"- trainable parameters: {metrics['trainable_parameters']:,}",
             "- final losses (mean of the last 20 logged steps): "

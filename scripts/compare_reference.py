@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     lines += [f"- skipped {m}: {reason}" for m, reason in skipped.items()]
-    lines += ["", f"Machine: {info.get('cpu', '')}; torch {info.get('packages', {}).get('torch', '')}."]
+    lines += ["", f"Machine: {info.get('cpu_model', '')}; torch {info.get('packages', {}).get('torch', '')}."]
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "comparison.md").write_text("\n".join(lines) + "\n")
     (ns.out / "comparison.json").write_text(json.dumps({"rows": rows, "skipped": skipped, "machine": info}, indent=2))
