@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, path in models.items():
             args = EvalArgs(degradation=degradation, hr_size=ns.hr_size, color_fix=ns.color_fix)
             base = ns.base_model if not (Path(path) / "base").is_dir() else None
-            payload = evaluate(path, ns.out / f"{degradation}-{Path(path).name}", args, base_model=base)
+            slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+            payload = evaluate(path, ns.out / f"{degradation}-{slug}", args, base_model=base)
             results[f"{degradation}/{label}"] = payload
             bicubic = payload["mean"]["bicubic"]
             rows.append({"degradation": degradation, "method": label,
