@@ -49,7 +49,7 @@ def stage_student(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output root (e.g. runs/reference)")
-    parser.add_argument("--stage", default="all", help="vae | prior | student | all (default all)")
+    parser.add_argument("--stage", default="all", help="vae | decoder | prior | student | all (default all)")
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--prior-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=8)

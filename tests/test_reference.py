@@ -269,3 +269,24 @@ def test_all_stages_run_end_to_end_on_the_tiny_geometry(tmp_path):
     for run in ("student", "student-rec"):
         assert (out / run / "model" / "checkpoint/tsdsr/transformer.safetensors").is_file(), run
         assert (out / run / "metrics.json").is_file(), run
+
+    # Shipping: scripts/ship_reference.py copies the run into an assets folder that loads as the default would.
+    dest = tmp_path / "assets"
+    shipped = subprocess.run([sys.executable, str(REPO / "scripts/ship_reference.py"), "--run", str(out), "--dest", str(dest)],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    for stage in ("vae", "decoder", "prior", "student", "student-rec"):
+        assert (dest / "reference/training" / stage / "log.csv.gz").is_file(), stage
+    assert not (dest / "reference-rec" / "base").exists()  # the baseline ships LoRAs + embeddings only
+    from compress.models.resolve import load_model
+
+    default = load_model(dest / "reference")
+    baseline = load_model(dest / "reference-rec", base_model=dest / "reference" / "base")
+    with torch.no_grad():
+        x = torch.rand(1, 3, 16, 16)
+        assert default.model(x).shape == baseline.model(x).shape == (1, 3, 64, 64)
+    # An unfinished run is refused and leaves nothing behind.
+    refused = subprocess.run([sys.executable, str(REPO / "scripts/ship_reference.py"), "--run", str(tmp_path / "none"),
+                              "--dest", str(tmp_path / "empty")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "missing" in refused.stderr
+    assert not (tmp_path / "empty").exists()

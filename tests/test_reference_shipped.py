@@ -1,0 +1,79 @@
+"""The built-in reference student that ships in compress/assets/reference (TSD-SR release layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from compress.models.resolve import REFERENCE_DIR, load_model
+
+REC_DIR = REFERENCE_DIR.parent / "reference-rec"
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def test_reference_ships_in_the_release_layout_within_40_mb():
+    for relative in ("base/transformer/config.json", "base/vae/config.json", "base/scheduler/scheduler_config.json",
+                     "checkpoint/tsdsr/transformer.safetensors", "checkpoint/tsdsr/vae.safetensors",
+                     "dataset/default/prompt_embeds.pt", "dataset/default/pool_embeds.pt",
+                     "dataset/null/prompt_embeds.pt", "dataset/null/pool_embeds.pt"):
+        assert (REFERENCE_DIR / relative).is_file(), relative
+    assert _size_mb(REFERENCE_DIR) <= 40.0, _size_mb(REFERENCE_DIR)
+    config = json.loads((REFERENCE_DIR / "base/transformer/config.json").read_text())
+    assert config["num_layers"] >= 8 and config["num_layers"] % 4 == 0
+    vae = json.loads((REFERENCE_DIR / "base/vae/config.json").read_text())
+    assert vae["latent_channels"] == 16 and len(vae["block_out_channels"]) == 4  # 8x downsampling
+
+
+def test_default_model_is_the_reference_student():
+    loaded = load_model(None)
+    assert not loaded.is_random
+    assert "reference" in loaded.description
+    with torch.no_grad():
+        out = loaded.model(torch.rand(1, 3, 24, 40))
+    assert out.shape == (1, 3, 96, 160)
+    assert torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def shipped_scores(tmp_path_factory):
+    """`python -m compress eval` (the code behind it) on the shipped default, as the README table: 7 photos, 256 px."""
+    from compress.evaluate import EvalArgs, evaluate
+    from compress.quality.perceptual import build_metric
+
+    if getattr(build_metric("stlpips"), "reason", None):
+        pytest.skip(f"ST-LPIPS unavailable: {build_metric('stlpips').reason}")
+    out = tmp_path_factory.mktemp("eval")
+    return {
+        (degradation, fix): evaluate(None, out / f"{degradation}-{fix}",
+                                     EvalArgs(degradation=degradation, color_fix=fix, metrics=("psnr", "stlpips")))["mean"]
+        for degradation, fix in (("realesrgan", "none"), ("realesrgan", "wavelet"), ("bicubic", "wavelet"))
+    }
+
+
+@pytest.mark.parametrize("degradation,fix", [("realesrgan", "none"), ("realesrgan", "wavelet"), ("bicubic", "wavelet")])
+def test_reference_beats_bicubic_on_stlpips(shipped_scores, degradation, fix):
+    """README table: ST-LPIPS below bicubic's in both settings with the colour fix `upscale` applies by default
+    (wavelet, TSD-SR's default), and also without it on Real-ESRGAN-degraded input. Without a colour fix on
+    bicubic-only input the two tie (0.447 vs 0.448), so that case is reported, not asserted."""
+    scores = shipped_scores[(degradation, fix)]
+    assert scores["student"]["stlpips"] < scores["bicubic"]["stlpips"] - 0.02, scores
+
+
+@pytest.mark.xfail(strict=True, reason="issue 3, open point: the reference VAE reconstructs at 25.9 dB Y-PSNR, below "
+                   "bicubic x4's 26.2 dB on the same crops, so no student on it can win on PSNR; strict, so a better kit "
+                   "that wins turns this into a failure to update")
+def test_reference_beats_bicubic_on_psnr_in_the_bicubic_setting(shipped_scores):
+    scores = shipped_scores[("bicubic", "wavelet")]
+    assert scores["student"]["psnr"] > scores["bicubic"]["psnr"], scores
+
+
+def test_reconstruction_only_baseline_loads_on_the_shared_base():
+    loaded = load_model(REC_DIR, base_model=REFERENCE_DIR / "base")
+    with torch.no_grad():
+        assert loaded.model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
