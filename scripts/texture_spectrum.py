@@ -3,7 +3,8 @@
 A one-step latent SR model can leave structure at the period of its token grid (patch 2 x VAE 8x = 16 px)
 or of the VAE's latent grid (8 px). For each model this prints, per image axis, the amplitude of the
 (output - bicubic) luminance difference spectrum at those periods divided by the spectrum's median, for the
-full student and for the VAE round trip alone (encode the bicubic image, decode; no transformer), so the
+full student, for the VAE round trip alone (encode the bicubic image, decode; no transformer) and, for the
+first model, for its base transformer without the LoRA (the prior: what the student was at step 0), so the
 source of a texture can be told apart. Writes OUT (json) with machine and versions when --out is given.
 
     python scripts/texture_spectrum.py
@@ -38,6 +39,24 @@ def period_ratios(difference, periods=PERIODS) -> dict:
         median = float(np.median(spectrum[1:]))
         result[name] = {p: round(float(spectrum[np.argmin(abs(freqs - 1 / p))]) / median, 2) for p in periods}
     return result
+
+
+def _prior_ratios(base_dir: Path, release: Path, lr, up) -> dict:
+    """The base transformer + base VAE with the release's default embeddings, no LoRA: the student at step 0."""
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from compress.models.resolve import load_model
+    from compress.models.student import OneStepSR
+
+    settings = load_model(release, base_model=None if (release / "base").is_dir() else base_dir).model.settings
+    prior = OneStepSR(
+        SD3Transformer2DModel.from_pretrained(base_dir / "transformer"), AutoencoderKL.from_pretrained(base_dir / "vae"),
+        torch.load(release / "dataset/default/prompt_embeds.pt"), torch.load(release / "dataset/default/pool_embeds.pt"),
+        settings,
+    ).eval()
+    with torch.no_grad():
+        return period_ratios((prior(lr).clamp(0, 1) - up)[0].mean(0).numpy())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             text = ", ".join(f"{axis} " + " ".join(f"{p}px {r:.1f}x" for p, r in values.items())
                              for axis, values in ratios.items())
             print(f"{label} / {part}: {text}")
+    first = Path(next(iter(models.values())))
+    base_dir = first / "base" if (first / "base").is_dir() else ns.base_model
+    results["prior without LoRA (student at step 0)"] = {"student": _prior_ratios(base_dir, first, lr, up)}
+    print(f"prior without LoRA (student at step 0): {results['prior without LoRA (student at step 0)']['student']}")
     if ns.out:
         from compress.io import write_json
 
