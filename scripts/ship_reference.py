@@ -30,6 +30,10 @@ BUDGET_MB = 40.0
 STAGES = ("vae", "decoder", "prior", "student", "student-rec")
 
 
+class _OverBudget(Exception):
+    pass
+
+
 def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
@@ -51,33 +55,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     reference, rec = ns.dest / "reference", ns.dest / "reference-rec"
-    with atomic_dir(reference, overwrite=True) as tmp:
-        shutil.copytree(ns.run / "student" / "model", tmp, dirs_exist_ok=True)
-        for stage in STAGES:
-            target = tmp / "training" / stage
-            target.mkdir(parents=True)
-            for name in ("metrics.json", "report.md"):
-                if (ns.run / stage / name).is_file():
-                    shutil.copy2(ns.run / stage / name, target / name)
-            # mtime=0: the same log gives the same bytes, so reshipping an unchanged run changes nothing in git
-            with open(ns.run / stage / "log.csv", "rb") as src, open(target / "log.csv.gz", "wb") as raw:
-                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="log.csv") as dst:
-                    shutil.copyfileobj(src, dst)
-        total = _size_mb(tmp)
-        if total > BUDGET_MB:
-            raise SystemExit(f"error: {reference} would be {total:.1f} MB, over the {BUDGET_MB:.0f} MB budget; "
-                             "nothing was written. Train with train.save_half=true or a smaller preset.")
-    with atomic_dir(rec, overwrite=True) as tmp:
-        for part in ("checkpoint", "dataset"):
-            shutil.copytree(ns.run / "student-rec" / "model" / part, tmp / part)
-    total = _size_mb(reference) + _size_mb(rec)
-    print(f"shipped {reference} ({_size_mb(reference):.1f} MB) and {rec} ({_size_mb(rec):.1f} MB); "
-          f"{total:.1f} MB in all (budget {BUDGET_MB:.0f} MB)")
-    if total > BUDGET_MB:
-        print(f"error: {total:.1f} MB is over the {BUDGET_MB:.0f} MB budget", file=sys.stderr)
+    rec_parts = ("checkpoint", "dataset")
+    rec_mb = sum(_size_mb(ns.run / "student-rec" / "model" / part) for part in rec_parts)
+    try:
+        with atomic_dir(reference, overwrite=True) as tmp:
+            shutil.copytree(ns.run / "student" / "model", tmp, dirs_exist_ok=True)
+            for stage in STAGES:
+                target = tmp / "training" / stage
+                target.mkdir(parents=True)
+                for name in ("metrics.json", "report.md"):
+                    if (ns.run / stage / name).is_file():
+                        shutil.copy2(ns.run / stage / name, target / name)
+                # mtime=0: the same log gives the same bytes, so reshipping an unchanged run changes nothing in git
+                with open(ns.run / stage / "log.csv", "rb") as src, open(target / "log.csv.gz", "wb") as raw:
+                    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="log.csv") as dst:
+                        shutil.copyfileobj(src, dst)
+            reference_mb = _size_mb(tmp)
+            if reference_mb + rec_mb > BUDGET_MB:  # checked before the rename, so nothing is written
+                raise _OverBudget(f"{reference} ({reference_mb:.1f} MB) and {rec} ({rec_mb:.1f} MB) would be "
+                                  f"{reference_mb + rec_mb:.1f} MB, over the {BUDGET_MB:.0f} MB budget")
+    except _OverBudget as error:
+        print(f"error: {error}; nothing was written. Train with train.save_half=true or a smaller preset.",
+              file=sys.stderr)
         return 2
+    with atomic_dir(rec, overwrite=True) as tmp:
+        for part in rec_parts:
+            shutil.copytree(ns.run / "student-rec" / "model" / part, tmp / part)
+    print(f"shipped {reference} ({reference_mb:.1f} MB) and {rec} ({rec_mb:.1f} MB); "
+          f"{reference_mb + rec_mb:.1f} MB in all (budget {BUDGET_MB:.0f} MB)")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -14,7 +14,6 @@ source of a texture can be told apart. Writes OUT (json) with machine and versio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -41,22 +40,29 @@ def period_ratios(difference, periods=PERIODS) -> dict:
     return result
 
 
-def _prior_ratios(base_dir: Path, release: Path, lr, up) -> dict:
+def _difference(image, up):
+    """Luminance-like (channel mean) difference to the bicubic image, as a 2-D array."""
+    return (image - up)[0].mean(0).numpy()
+
+
+def _format(ratios: dict) -> str:
+    return ", ".join(f"{axis} " + " ".join(f"{p}px {r:.1f}x" for p, r in values.items()) for axis, values in ratios.items())
+
+
+def _prior_image(base_dir: Path, release: Path, settings, lr):
     """The base transformer + base VAE with the release's default embeddings, no LoRA: the student at step 0."""
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from compress.models.resolve import load_model
     from compress.models.student import OneStepSR
 
-    settings = load_model(release, base_model=None if (release / "base").is_dir() else base_dir).model.settings
     prior = OneStepSR(
         SD3Transformer2DModel.from_pretrained(base_dir / "transformer"), AutoencoderKL.from_pretrained(base_dir / "vae"),
         torch.load(release / "dataset/default/prompt_embeds.pt"), torch.load(release / "dataset/default/pool_embeds.pt"),
         settings,
     ).eval()
     with torch.no_grad():
-        return period_ratios((prior(lr).clamp(0, 1) - up)[0].mean(0).numpy())
+        return prior(lr).clamp(0, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,25 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     lr = load_image(ns.image).rgb[None]
     up = F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
     results = {}
+    settings = None
     for label, path in models.items():
         base = None if (Path(path) / "base").is_dir() else ns.base_model
         student = load_model(path, base_model=base).model
+        settings = settings or student.settings  # the prior below runs with the first model's settings
         with torch.no_grad():
             sr = student(lr).clamp(0, 1)
             latent = student.vae.encode(up * 2 - 1).latent_dist.mode()
             roundtrip = ((student.vae.decode(latent).sample + 1) / 2).clamp(0, 1)
         results[label] = {
-            "student": period_ratios((sr - up)[0].mean(0).numpy()),
-            "vae_roundtrip": period_ratios((roundtrip - up)[0].mean(0).numpy()),
+            "student": period_ratios(_difference(sr, up)),
+            "vae_roundtrip": period_ratios(_difference(roundtrip, up)),
         }
-        for part, ratios in results[label].items():
-            text = ", ".join(f"{axis} " + " ".join(f"{p}px {r:.1f}x" for p, r in values.items())
-                             for axis, values in ratios.items())
-            print(f"{label} / {part}: {text}")
     first = Path(next(iter(models.values())))
     base_dir = first / "base" if (first / "base").is_dir() else ns.base_model
-    results["prior without LoRA (student at step 0)"] = {"student": _prior_ratios(base_dir, first, lr, up)}
-    print(f"prior without LoRA (student at step 0): {results['prior without LoRA (student at step 0)']['student']}")
+    prior = _prior_image(base_dir, first, settings, lr)
+    results["prior without LoRA (student at step 0)"] = {"student": period_ratios(_difference(prior, up))}
+    for label, parts in results.items():
+        for part, ratios in parts.items():
+            print(f"{label} / {part}: {_format(ratios)}")
     if ns.out:
         from compress.io import write_json
 
