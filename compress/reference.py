@@ -626,32 +626,41 @@ class DecoderConfig:
     grad_clip: float = 1.0
     seed: int = 7
     checkpoint_every: int = 100
+    val_every: int = 1000
     val_size: int = 256
     device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _positive(self, ("steps", "batch_size", "crop", "checkpoint_every", "val_size"))
+        _positive(self, ("steps", "batch_size", "crop", "checkpoint_every", "val_every", "val_size"))
         if self.crop % 8:
             raise ValueError(f"--decoder-crop must be a multiple of 8, got {self.crop}")
 
 
-def finetune_decoder(out: Path | str, config: DecoderConfig | None = None) -> dict:
+_DECODER_FLAGS = {"steps": "--decoder-steps", "seed": "--seed"}
+_DECODER_RESUME_KEYS = ("steps", "batch_size", "crop", "lr", "warmup", "min_lr_ratio", "l1_weight", "mse_weight",
+                        "seed")
+
+
+def finetune_decoder(out: Path | str, config: DecoderConfig | None = None, restart: bool = False,
+                     extend: bool = False) -> dict:
     """Stage 1b: writes ``out/decoder/vae`` (stage-1 encoder + further-trained decoder) and its metrics.
 
-    Resumable from ``out/decoder/checkpoint.pt``; a finished stage (metrics.json present) is skipped.
+    Resumable from ``out/decoder/checkpoint.pt``; a finished stage (metrics.json present) is skipped unless
+    ``extend`` asks for more steps (a warm restart of the cosine schedule, as for the VAE). The encoder is
+    frozen, so the latents the prior and the students were trained on stay valid: this stage never makes
+    them stale.
     """
-    import json
-
     from compress.io import atomic_dir
 
     config = config or DecoderConfig()
     out = Path(out)
     stage_dir = out / "decoder"
     ckpt, metrics_path = stage_dir / CHECKPOINT_NAME, stage_dir / METRICS_NAME
-    if metrics_path.is_file():
-        print(f"[decoder] already trained ({metrics_path}); skipping", flush=True)
-        return json.loads(metrics_path.read_text())
+    settings_check = {key: getattr(config, key) for key in _DECODER_RESUME_KEYS}
+    done = _prepare_stage("decoder", out, stage_dir / "vae", settings_check, _DECODER_FLAGS, restart, extend)
+    if done is not None:
+        return done
     device = torch.device(config.device)
     vae = load_trained_vae(out, device)
     vae.decoder.requires_grad_(True)
@@ -667,8 +676,10 @@ def finetune_decoder(out: Path | str, config: DecoderConfig | None = None) -> di
     if ckpt.is_file():
         start, history, extra = load_checkpoint(ckpt, modules={"vae": vae}, optimizers={"opt": optimizer},
                                                 schedulers={"lr": scheduler}, map_location=device)
+        _sync_lr(optimizer, scheduler)  # new total steps after --extend: the schedule's value at this step
         print(f"[decoder] resumed from {ckpt} at step {start}/{config.steps}", flush=True)
     seconds = float(extra.get("seconds", 0.0))
+    val_log = list(extra.get("val", []))
     settings = asdict(config)
     bar = _progress(config.steps, start, "decoder", config.progress)
     for step, batch in iterate_batches(stream, start, config.steps):
@@ -692,11 +703,17 @@ def finetune_decoder(out: Path | str, config: DecoderConfig | None = None) -> di
         history.append(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr_rgb_train']:.2f}")
+        if (step + 1) % config.val_every == 0:
+            vae.decoder.eval()
+            val = reconstruction_psnr(vae, val_images, config.device)
+            vae.decoder.train()
+            val_log.append({"step": step + 1, **val})
+            bar.write(f"[decoder] step {step + 1}: validation Y-PSNR {val['mean']:.3f} dB")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             save_checkpoint(ckpt, step=step + 1, modules={"vae": vae}, optimizers={"opt": optimizer},
                             schedulers={"lr": scheduler}, history=history,
                             extra={"seconds": seconds, "start_val": extra.get("start_val", start_val),
-                                   "settings": settings})
+                                   "val": val_log, "settings": settings})
             write_log_csv(stage_dir / LOG_NAME, history)
     bar.close()
     vae.eval().requires_grad_(False)
@@ -710,6 +727,7 @@ def finetune_decoder(out: Path | str, config: DecoderConfig | None = None) -> di
         "val_psnr_y_before": extra.get("start_val", start_val)["mean"],
         "val_psnr_y": final_val["mean"],
         "val_psnr_y_per_image": {k: v for k, v in final_val.items() if k != "mean"},
+        "val_history": val_log,
         "final": {key: _mean_tail(history, key) for key in ("loss", "l1", "mse", "psnr_rgb_train")},
         "settings": settings,
         "output": str(stage_dir / "vae"),

@@ -2,8 +2,10 @@
 
 Runs `compress.evaluate.evaluate` (the code behind `python -m compress eval`) for every model and
 degradation on the 7 built-in validation photos and prints one markdown table with every offline
-metric; unavailable metrics are listed as skipped with the missing file. Writes OUT/comparison.md and
-OUT/comparison.json (with machine and package versions).
+metric; unavailable metrics are listed as skipped with the missing file. A second table says what the
+shared VAE allows, with the same colour fix: its reconstruction of the HR crop (what a perfect latent
+would give) and its round trip of the bicubic input (a student whose velocity is zero). Writes
+OUT/comparison.md and OUT/comparison.json (with machine and package versions).
 
     python scripts/compare_reference.py --out runs/compare
     python scripts/compare_reference.py --model tsd=compress/assets/reference \
@@ -26,6 +28,35 @@ DEFAULT_MODELS = {
 }
 
 
+def vae_reference_rows(vae_dir: Path, degradation: str, hr_size: int, color_fix: str) -> tuple[dict, list[dict]]:
+    """PSNR-Y / SSIM-Y of the VAE's HR reconstruction and of its round trip of the bicubic input, colour-fixed
+    like the students; returns (means, per-image rows)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    from compress.colorfix import apply_color_fix
+    from compress.data import fixed_validation_pairs
+    from compress.quality.fidelity import psnr_y, ssim_y
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    per_image = []
+    for name, lr, hr in fixed_validation_pairs(degradation, hr_size=hr_size):
+        bicubic = F.interpolate(lr[None], size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        row = {"image": name}
+        for label, source in (("vae_hr_reconstruction", hr[None]), ("vae_bicubic_round_trip", bicubic)):
+            with torch.no_grad():
+                latent = vae.encode(source * 2 - 1).latent_dist.mode()
+                image = ((vae.decode(latent).sample.clamp(-1, 1) + 1) / 2).float()
+            image = apply_color_fix(color_fix, image, lr[None])
+            row[label] = {"psnr": float(psnr_y(image, hr[None])[0]), "ssim": float(ssim_y(image, hr[None])[0])}
+        per_image.append(row)
+    means = {label: {metric: float(np.mean([r[label][metric] for r in per_image])) for metric in ("psnr", "ssim")}
+             for label in ("vae_hr_reconstruction", "vae_bicubic_round_trip")}
+    return means, per_image
+
+
 def main(argv: list[str] | None = None) -> int:
     from compress.evaluate import EvalArgs, evaluate
     from compress.quality.cost import machine_info
@@ -39,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base folder for releases that ship only LoRA + embeddings")
     parser.add_argument("--hr-size", type=int, default=256)
     parser.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
+    parser.add_argument("--no-vae-rows", action="store_true", help="skip the table of what the shared VAE allows")
     ns = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in ns.model) if ns.model else DEFAULT_MODELS
     for label, path in models.items():
@@ -61,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
                          **{m: f"{v:.4f}" for m, v in payload["mean"]["student"].items()}})
         rows.append({"degradation": degradation, "method": "bicubic",
                      **{m: f"{v:.4f}" for m, v in bicubic.items()}})
+    vae_rows, vae_results = [], {}
+    if not ns.no_vae_rows:
+        vae_dir = ns.base_model / "vae"
+        for degradation in ("realesrgan", "bicubic"):
+            means, per_image = vae_reference_rows(vae_dir, degradation, ns.hr_size, ns.color_fix)
+            vae_results[degradation] = {"mean": means, "per_image": per_image, "vae": str(vae_dir)}
+            for label, text in (("vae_hr_reconstruction", "VAE reconstruction of the HR crop (perfect latent)"),
+                                ("vae_bicubic_round_trip", "VAE round trip of the bicubic input (zero velocity)")):
+                vae_rows.append({"degradation": degradation, "method": text,
+                                 **{m: f"{v:.4f}" for m, v in means[label].items()}})
+            bicubic = results[f"{degradation}/{next(iter(models))}"]["mean"]["bicubic"]
+            vae_rows.append({"degradation": degradation, "method": "bicubic",
+                             **{m: f"{bicubic[m]:.4f}" for m in ("psnr", "ssim") if m in bicubic}})
     metrics = [k for k in rows[0] if k not in ("degradation", "method")]
     table = format_table(rows, ["degradation", "method", *metrics])
     skipped = next(iter(results.values()))["skipped_metrics"]
@@ -72,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         table,
         "",
     ]
+    if vae_rows:
+        lines += [f"What the shared VAE ({ns.base_model / 'vae'}) allows, same colour fix ({ns.color_fix}):", "",
+                  format_table(vae_rows, ["degradation", "method", "psnr", "ssim"]), ""]
     lines += [f"- skipped {m}: {reason}" for m, reason in skipped.items()]
     lines += ["", f"Machine: {info.get('cpu_model', '')}; torch {info.get('packages', {}).get('torch', '')}."]
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "comparison.md").write_text("\n".join(lines) + "\n")
-    (ns.out / "comparison.json").write_text(json.dumps({"rows": rows, "skipped": skipped, "machine": info}, indent=2))
+    (ns.out / "comparison.json").write_text(json.dumps({"rows": rows, "vae_rows": vae_rows, "vae": vae_results,
+                                                               "skipped": skipped, "machine": info}, indent=2))
     print("\n".join(lines))
     return 0
 

@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     if "decoder" in stages:
         finetune_decoder(out, DecoderConfig(
             steps=args.decoder_steps, seed=args.seed + 7, device=args.device,
-            checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
-        ))
+            checkpoint_every=args.checkpoint_every, val_every=args.val_every, val_size=args.val_size,
+            progress=not args.no_progress,
+        ), restart=args.restart, extend=args.extend)
     if "prior" in stages:
         train_prior(out, PriorConfig(
             steps=args.prior_steps, batch_size=args.prior_batch, crop=args.prior_crop, lr=args.prior_lr, **common,

@@ -149,6 +149,40 @@ def test_extend_continues_a_finished_stage_and_guards_the_prior(trained, tmp_pat
     assert train_prior(copy, _prior_config(steps=2), restart=True)["steps"] == 2
 
 
+def test_decoder_stage_extends_with_a_frozen_encoder(trained, tmp_path):
+    """Stage 1b: skip when finished, --extend continues the same curve, the encoder (the latents) never changes."""
+    import shutil
+
+    from compress.reference import DecoderConfig, finetune_decoder, load_trained_vae
+
+    out, _, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+
+    def config(steps):
+        return DecoderConfig(steps=steps, batch_size=2, crop=32, checkpoint_every=1, val_every=1, val_size=64,
+                             progress=False)
+
+    first = finetune_decoder(copy, config(2))
+    assert first["steps"] == 2 and [row["step"] for row in first["val_history"]] == [1, 2]
+    assert finetune_decoder(copy, config(2))["val_psnr_y"] == first["val_psnr_y"]  # finished: skipped
+    with pytest.raises(ValueError, match="--decoder-steps"):
+        finetune_decoder(copy, config(3))
+    extended = finetune_decoder(copy, config(4), extend=True)
+    assert extended["steps"] == 4 and len(_history(copy, "decoder")) == 4
+    straight = tmp_path / "straight"
+    shutil.copytree(out, straight)
+    finetune_decoder(straight, config(4))
+    assert _history(copy, "decoder")[:2] == _history(straight, "decoder")[:2]
+    base = load_trained_vae(copy)
+    from diffusers import AutoencoderKL
+
+    tuned = AutoencoderKL.from_pretrained(copy / "decoder" / "vae")
+    for name, tensor in base.encoder.state_dict().items():
+        assert torch.equal(tensor, tuned.encoder.state_dict()[name]), name
+    assert any(not torch.equal(t, tuned.decoder.state_dict()[n]) for n, t in base.decoder.state_dict().items())
+
+
 def _history(out, stage):
     payload = torch.load(str(out / stage / "checkpoint.pt"), weights_only=False)
     return [{k: v for k, v in row.items() if k != "seconds"} for row in payload["history"]]
