@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hr-size", type=int, default=256)
     parser.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
     parser.add_argument("--no-vae-rows", action="store_true", help="skip the table of what the shared VAE allows")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated metric names (default: every offline metric, as `compress eval`)")
     ns = parser.parse_args(argv)
     models = dict(item.split("=", 1) for item in ns.model) if ns.model else DEFAULT_MODELS
     for label, path in models.items():
@@ -78,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: model {label!r}: {path} does not exist", file=sys.stderr)
             return 2
 
+    metric_args = {"metrics": tuple(m.strip() for m in ns.metrics.split(",") if m.strip())} if ns.metrics else {}
     results = {}
     rows = []
     for degradation in ("realesrgan", "bicubic"):
         bicubic = None
         for label, path in models.items():
-            args = EvalArgs(degradation=degradation, hr_size=ns.hr_size, color_fix=ns.color_fix)
+            args = EvalArgs(degradation=degradation, hr_size=ns.hr_size, color_fix=ns.color_fix, **metric_args)
             base = ns.base_model if not (Path(path) / "base").is_dir() else None
             slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
             payload = evaluate(path, ns.out / f"{degradation}-{slug}", args, base_model=base)
