@@ -136,6 +136,30 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
+# Rec. 601 luma weights: the grey each saturation change pivots on.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def color_augment(images: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    """Widen the colour gamut an autoencoder sees: per image, a random permutation of the RGB channels and a
+    saturation factor in [0.5, 1.5] about the image's luma, clipped to [0, 1].
+
+    Twelve training photos leave whole hues out (a fluorescent yellow cap comes back orange); permuting the
+    channels turns an orange into a yellow-green or a blue. The draw is a pure function of ``(seed, step)``,
+    so a resumed run sees the same augmented batches. ``images``: B x 3 x H x W in [0, 1].
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"color_augment expects B x 3 x H x W images, got {tuple(images.shape)}")
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    batch = images.shape[0]
+    orders = torch.stack([torch.randperm(3, generator=generator) for _ in range(batch)]).to(images.device)
+    saturation = (0.5 + torch.rand(batch, generator=generator)).to(images)
+    permuted = torch.gather(images, 1, orders[:, :, None, None].expand_as(images))
+    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device)[None, :, None, None]
+    luma = (permuted * weights).sum(1, keepdim=True)
+    return (luma + saturation[:, None, None, None] * (permuted - luma)).clamp(0.0, 1.0)
+
+
 # ==============================================================================================================
 # Checkpoints: atomic, resumable, RNG-exact
 # ==============================================================================================================
@@ -378,6 +402,7 @@ class VAEConfig:
     val_size: int = 256
     scaling_crops: int = 256  # training crops used to measure std(latents)
     photos: tuple[str, ...] | None = None  # training photo names (default: all of list_photos("train"))
+    color_aug: bool = False  # color_augment every training batch (channel permutation + saturation)
     device: str = "cpu"
     progress: bool = True
 
@@ -394,9 +419,9 @@ class VAEConfig:
 
 
 _VAE_FLAGS = {"steps": "--vae-steps", "batch_size": "--vae-batch", "crop": "--vae-crop", "seed": "--seed",
-              "preset": "--preset", "lr": "--vae-lr"}
+              "preset": "--preset", "lr": "--vae-lr", "color_aug": "--color-aug"}
 _VAE_RESUME_KEYS = ("steps", "batch_size", "crop", "seed", "preset", "lr", "warmup", "l1_weight", "mse_weight",
-                    "lpips_weight", "kl_weight", "posterior", "photos")
+                    "lpips_weight", "kl_weight", "posterior", "photos", "color_aug")
 
 
 def _positive(config: Any, names: Sequence[str]) -> None:
@@ -524,7 +549,8 @@ def train_vae(out: Path | str, config: VAEConfig | None = None, restart: bool = 
     bar = _progress(config.steps, start, "vae", config.progress)
     for step, batch in iterate_batches(stream, start, config.steps):
         tick = time.perf_counter()
-        x = to_model_range(batch["hr"].to(device))
+        hr = color_augment(batch["hr"], config.seed, step) if config.color_aug else batch["hr"]
+        x = to_model_range(hr.to(device))
         posterior = vae.encode(x).latent_dist
         if config.posterior == "sample":
             eps = torch.randn(posterior.mean.shape, generator=noise).to(device)
@@ -625,6 +651,7 @@ class DecoderConfig:
     mse_weight: float = 1.0
     grad_clip: float = 1.0
     seed: int = 7
+    color_aug: bool = False  # color_augment every training batch (the frozen encoder sees the new colours too)
     checkpoint_every: int = 100
     val_every: int = 1000
     val_size: int = 256
@@ -637,9 +664,9 @@ class DecoderConfig:
             raise ValueError(f"--decoder-crop must be a multiple of 8, got {self.crop}")
 
 
-_DECODER_FLAGS = {"steps": "--decoder-steps", "seed": "--seed"}
+_DECODER_FLAGS = {"steps": "--decoder-steps", "seed": "--seed", "color_aug": "--color-aug"}
 _DECODER_RESUME_KEYS = ("steps", "batch_size", "crop", "lr", "warmup", "min_lr_ratio", "l1_weight", "mse_weight",
-                        "seed")
+                        "seed", "color_aug")
 
 
 def finetune_decoder(out: Path | str, config: DecoderConfig | None = None, restart: bool = False,
@@ -684,7 +711,8 @@ def finetune_decoder(out: Path | str, config: DecoderConfig | None = None, resta
     bar = _progress(config.steps, start, "decoder", config.progress)
     for step, batch in iterate_batches(stream, start, config.steps):
         tick = time.perf_counter()
-        x = to_model_range(batch["hr"].to(device))
+        hr = color_augment(batch["hr"], config.seed, step) if config.color_aug else batch["hr"]
+        x = to_model_range(hr.to(device))
         with torch.no_grad():
             latent = vae.encode(x).latent_dist.mode()
         recon = vae.decode(latent).sample

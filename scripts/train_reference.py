@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-every", type=int, default=500, help="stage-1 steps between validation PSNR logs")
     parser.add_argument("--val-size", type=int, default=256, help="validation centre-crop side (multiple of 64)")
     parser.add_argument("--no-lpips", action="store_true", help="stage 1 without the ST-LPIPS term (faster, tests)")
+    parser.add_argument("--color-aug", action="store_true",
+                        help="stages vae and decoder: random RGB channel permutation and saturation per crop, so the "
+                        "VAE learns colours the 12 training photos lack")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--restart", action="store_true", help="discard the selected stages' progress first")
     parser.add_argument(
@@ -140,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if "vae" in stages:
         train_vae(out, VAEConfig(
             steps=args.vae_steps, batch_size=args.vae_batch, crop=args.vae_crop, lr=args.vae_lr,
-            val_every=args.val_every, val_size=args.val_size, lpips_weight=0.0 if args.no_lpips else 0.1, **common,
+            val_every=args.val_every, val_size=args.val_size, lpips_weight=0.0 if args.no_lpips else 0.1,
+            color_aug=args.color_aug, **common,
         ), restart=args.restart, extend=args.extend)
     if "decoder" in stages:
         finetune_decoder(out, DecoderConfig(
-            steps=args.decoder_steps, seed=args.seed + 7, device=args.device,
+            steps=args.decoder_steps, seed=args.seed + 7, device=args.device, color_aug=args.color_aug,
             checkpoint_every=args.checkpoint_every, val_every=args.val_every, val_size=args.val_size,
             progress=not args.no_progress,
         ), restart=args.restart, extend=args.extend)
