@@ -136,10 +136,6 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images * 2.0 - 1.0
 
 
-# Rec. 601 luma weights: the grey each saturation change pivots on.
-_LUMA = (0.299, 0.587, 0.114)
-
-
 def color_augment(images: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     """Widen the colour gamut an autoencoder sees: per image, a random permutation of the RGB channels and a
     saturation factor in [0.5, 1.5] about the image's luma, clipped to [0, 1].
@@ -148,6 +144,8 @@ def color_augment(images: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     channels turns an orange into a yellow-green or a blue. The draw is a pure function of ``(seed, step)``,
     so a resumed run sees the same augmented batches. ``images``: B x 3 x H x W in [0, 1].
     """
+    from compress.quality.fidelity import rgb_to_luma
+
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"color_augment expects B x 3 x H x W images, got {tuple(images.shape)}")
     generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
@@ -155,8 +153,7 @@ def color_augment(images: torch.Tensor, seed: int, step: int) -> torch.Tensor:
     orders = torch.stack([torch.randperm(3, generator=generator) for _ in range(batch)]).to(images.device)
     saturation = (0.5 + torch.rand(batch, generator=generator)).to(images)
     permuted = torch.gather(images, 1, orders[:, :, None, None].expand_as(images))
-    weights = torch.tensor(_LUMA, dtype=images.dtype, device=images.device)[None, :, None, None]
-    luma = (permuted * weights).sum(1, keepdim=True)
+    luma = rgb_to_luma(permuted, "yiq")  # unit-sum Rec. 601 weights: the grey each saturation change pivots on
     return (luma + saturation[:, None, None, None] * (permuted - luma)).clamp(0.0, 1.0)
 
 
@@ -451,17 +448,23 @@ def validation_images(size: int = 256) -> list[tuple[str, torch.Tensor]]:
 
 @torch.no_grad()
 def reconstruction_psnr(vae: nn.Module, images: Sequence[tuple[str, torch.Tensor]], device: str = "cpu") -> dict:
-    """Y-channel PSNR of VAE(mode) reconstructions: ``{"mean": dB, "<name>": dB, ...}`` (vae left in eval mode)."""
+    """Y-channel PSNR of VAE(mode) reconstructions: ``{"mean": dB, "<name>": dB, ...}``.
+
+    Every submodule's train/eval mode is restored afterwards, so a partly trained VAE (stage 1b trains the
+    decoder of an eval-mode VAE) comes back as it was.
+    """
     from compress.quality.fidelity import psnr_y
 
-    was_training = vae.training
+    modes = {module: module.training for module in vae.modules()}
     vae.eval()
     scores = {}
-    for name, hr in images:
-        x = to_model_range(hr.to(device))
-        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-        scores[name] = float(psnr_y(((recon + 1) / 2).cpu().float(), hr.float())[0])
-    vae.train(was_training)
+    with torch.no_grad():
+        for name, hr in images:
+            x = to_model_range(hr.to(device))
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+            scores[name] = float(psnr_y(((recon + 1) / 2).cpu().float(), hr.float())[0])
+    for module, training in modes.items():
+        module.training = training
     return {"mean": float(np.mean(list(scores.values()))), **scores}
 
 
@@ -732,9 +735,7 @@ def finetune_decoder(out: Path | str, config: DecoderConfig | None = None, resta
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr_rgb_train']:.2f}")
         if (step + 1) % config.val_every == 0:
-            vae.decoder.eval()
             val = reconstruction_psnr(vae, val_images, config.device)
-            vae.decoder.train()
             val_log.append({"step": step + 1, **val})
             bar.write(f"[decoder] step {step + 1}: validation Y-PSNR {val['mean']:.3f} dB")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:

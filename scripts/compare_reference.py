@@ -28,19 +28,17 @@ DEFAULT_MODELS = {
 }
 
 
-def vae_reference_rows(vae_dir: Path, degradation: str, hr_size: int, color_fix: str) -> tuple[dict, list[dict]]:
-    """PSNR-Y / SSIM-Y of the VAE's HR reconstruction and of its round trip of the bicubic input, colour-fixed
+def vae_reference_rows(vae, degradation: str, hr_size: int, color_fix: str) -> tuple[dict, list[dict]]:
+    """PSNR-Y / SSIM-Y of ``vae`` (an eval-mode AutoencoderKL): its HR reconstruction and of its round trip of the bicubic input, colour-fixed
     like the students; returns (means, per-image rows)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL
 
     from compress.colorfix import apply_color_fix
     from compress.data import fixed_validation_pairs
     from compress.quality.fidelity import psnr_y, ssim_y
 
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     per_image = []
     for name, lr, hr in fixed_validation_pairs(degradation, hr_size=hr_size):
         bicubic = F.interpolate(lr[None], size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
@@ -98,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                      **{m: f"{v:.4f}" for m, v in bicubic.items()}})
     vae_rows, vae_results = [], {}
     if not ns.no_vae_rows:
+        from diffusers import AutoencoderKL
+
         vae_dir = ns.base_model / "vae"
+        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
         for degradation in ("realesrgan", "bicubic"):
-            means, per_image = vae_reference_rows(vae_dir, degradation, ns.hr_size, ns.color_fix)
+            means, per_image = vae_reference_rows(vae, degradation, ns.hr_size, ns.color_fix)
             vae_results[degradation] = {"mean": means, "per_image": per_image, "vae": str(vae_dir)}
             for label, text in (("vae_hr_reconstruction", "VAE reconstruction of the HR crop (perfect latent)"),
                                 ("vae_bicubic_round_trip", "VAE round trip of the bicubic input (zero velocity)")):

@@ -54,13 +54,15 @@ def _prior_image(base_dir: Path, release: Path, settings, lr):
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
+    from compress.models.release import EMBEDDING_SUBDIR, POOLED_EMBEDS, PROMPT_EMBEDS, load_embedding
     from compress.models.student import OneStepSR
 
-    prior = OneStepSR(
-        SD3Transformer2DModel.from_pretrained(base_dir / "transformer"), AutoencoderKL.from_pretrained(base_dir / "vae"),
-        torch.load(release / "dataset/default/prompt_embeds.pt"), torch.load(release / "dataset/default/pool_embeds.pt"),
-        settings,
-    ).eval()
+    transformer = SD3Transformer2DModel.from_pretrained(base_dir / "transformer")
+    embeddings = release / EMBEDDING_SUBDIR
+    prompt = load_embedding(embeddings / PROMPT_EMBEDS, "prompt embedding", transformer.config.joint_attention_dim, True)
+    pooled = load_embedding(embeddings / POOLED_EMBEDS, "pooled prompt embedding",
+                            transformer.config.pooled_projection_dim, False)
+    prior = OneStepSR(transformer, AutoencoderKL.from_pretrained(base_dir / "vae"), prompt, pooled, settings).eval()
     with torch.no_grad():
         return prior(lr).clamp(0, 1)
 

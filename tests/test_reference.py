@@ -40,19 +40,19 @@ def test_reference_preset_topology_and_budget():
 
 
 def test_color_augment_permutes_channels_and_keeps_luma():
-    from compress.reference import _LUMA, color_augment
+    from compress.quality.fidelity import rgb_to_luma
+    from compress.reference import color_augment
 
     images = 0.4 + 0.2 * torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     out = color_augment(images, seed=3, step=5)
     assert out.shape == images.shape and torch.equal(out, color_augment(images, seed=3, step=5))
     assert not torch.equal(out, color_augment(images, seed=3, step=6))
     assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
-    weights = torch.tensor(_LUMA)[None, :, None, None]
     import itertools
 
     for i in range(images.shape[0]):  # saturation pivots on luma: out's luma is that of a channel permutation
-        luma_out = (out[i : i + 1] * weights).sum(1)
-        assert any(torch.allclose(luma_out, (images[i : i + 1, list(order)] * weights).sum(1), atol=1e-5)
+        luma_out = rgb_to_luma(out[i : i + 1], "yiq")
+        assert any(torch.allclose(luma_out, rgb_to_luma(images[i : i + 1, list(order)], "yiq"), atol=1e-5)
                    for order in itertools.permutations(range(3))), i
     with pytest.raises(ValueError, match="B x 3 x H x W"):
         color_augment(torch.rand(3, 8, 8), seed=0, step=0)

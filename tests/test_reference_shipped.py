@@ -84,21 +84,19 @@ def test_shipped_vae_leaves_room_above_bicubic():
     round trip of the bicubic input (a student with zero velocity) stays close to bicubic itself."""
     import importlib.util
 
-    import numpy as np
-
     from tests.conftest import REPO
 
     spec = importlib.util.spec_from_file_location("compare_reference", REPO / "scripts/compare_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    means, per_image = module.vae_reference_rows(REFERENCE_DIR / "base" / "vae", "bicubic", 256, "wavelet")
-    assert len(per_image) == 7
-    from compress.data import fixed_validation_pairs
-    from compress.quality.fidelity import psnr_y
+    from diffusers import AutoencoderKL
 
-    bicubic = np.mean([float(psnr_y(torch.nn.functional.interpolate(lr[None], size=hr.shape[-2:], mode="bicubic",
-                                                                   align_corners=False).clamp(0, 1), hr[None])[0])
-                       for _, lr, hr in fixed_validation_pairs("bicubic", hr_size=256)])
+    vae = AutoencoderKL.from_pretrained(str(REFERENCE_DIR / "base" / "vae")).eval()
+    means, per_image = module.vae_reference_rows(vae, "bicubic", 256, "wavelet")
+    assert len(per_image) == 7
+    from compress.reference import bicubic_psnr, validation_images
+
+    bicubic = bicubic_psnr(validation_images(256), degradation="bicubic")
     assert means["vae_hr_reconstruction"]["psnr"] > bicubic + 0.3, (means, bicubic)
     assert abs(means["vae_bicubic_round_trip"]["psnr"] - bicubic) < 1.0, (means, bicubic)
     assert means["vae_hr_reconstruction"]["ssim"] > means["vae_bicubic_round_trip"]["ssim"]
