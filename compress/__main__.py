@@ -26,14 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compress.imaging import ImageInputError
-    from compress.models.errors import ModelLoadError
-
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args(argv)  # --help and flag errors end here, before torch is imported
+    from compress.models.errors import ModelLoadError  # no torch: a bad flag value is reported at once too
+
     try:
         return int(ns.run(ns) or 0)
-    except (ModelLoadError, ImageInputError, ValueError, FileExistsError, FileNotFoundError) as err:
+    # ImageInputError and the settings checks are ValueErrors
+    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

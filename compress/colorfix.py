@@ -25,7 +25,7 @@ __all__ = [
     "wavelet_color_fix",
 ]
 
-COLOR_FIX_METHODS = ("adain", "wavelet", "none")
+from compress.options import COLOR_FIX_METHODS  # noqa: E402 (one definition, shared with the CLI)
 _ALIASES = {"nofix": "none", "no": "none", "off": "none"}
 _EPS = 1e-5
 _WAVELET_LEVELS = 5

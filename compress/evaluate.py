@@ -10,13 +10,14 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from compress.cli import comma_separated
+from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TILE_MODES, check_color_fix
 
 DEFAULT_METRICS = ("psnr", "ssim", "stlpips", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
+DEGRADATIONS = ("realesrgan", "bicubic")
 EXAMPLES = """examples:
   python -m compress eval -o runs/eval-default
   python -m compress eval --model runs/tiny-student --degradation bicubic -o runs/eval-bicubic
@@ -26,29 +27,31 @@ EXAMPLES = """examples:
 
 @dataclass
 class EvalArgs:
-    """Options of `eval`; validation names the offending flag."""
+    """Options of `eval` (each is a flag of the same name); validation names the offending flag."""
 
-    data: str = "val"
-    degradation: str = "realesrgan"
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    seed: int = 0
-    hr_size: int = 256
-    color_fix: str = "none"
-    device: str = "cpu"
-    dtype: str = "float32"
-    limit: int | None = None
-    tile: str = "auto"
+    data: str = field(default="val", metadata={"help": "'val' (built-in validation photos) or a folder of HR images"})
+    degradation: str = field(default="realesrgan", metadata={
+        "choices": DEGRADATIONS, "help": "how LR inputs are made from the HR images"})
+    metrics: tuple[str, ...] = field(default=DEFAULT_METRICS, metadata={
+        "parse": comma_separated, "help": "comma-separated metric names"})
+    seed: int = field(default=0, metadata={"help": "degradation seed"})
+    hr_size: int = field(default=256, metadata={"help": "HR crop side for the built-in photos (multiple of 64)"})
+    color_fix: str = field(default=DEFAULT_COLOR_FIX, metadata={
+        "choices": COLOR_FIX_METHODS, "help": "colour alignment of the student's output, as in upscale"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: str = field(default="float32", metadata={"choices": DTYPE_NAMES, "help": "compute precision"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate only the first N images"})
+    tile: str = field(default="auto", metadata={"choices": TILE_MODES, "help": "tiling, as upscale's --tile"})
 
     def __post_init__(self):
-        if self.degradation not in ("realesrgan", "bicubic"):
+        if self.degradation not in DEGRADATIONS:
             raise ValueError(f"--degradation must be realesrgan or bicubic, got {self.degradation!r}")
         unknown = [m for m in self.metrics if m not in DEFAULT_METRICS]
         if unknown:
             raise ValueError(f"--metrics: unknown {unknown}; choose from {','.join(DEFAULT_METRICS)}")
         if self.hr_size % 64:
             raise ValueError(f"--hr-size must be a multiple of 64, got {self.hr_size}")
-        if self.color_fix not in ("adain", "wavelet", "none"):
-            raise ValueError(f"--color-fix must be adain, wavelet or none, got {self.color_fix!r}")
+        check_color_fix(self.color_fix)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
 
@@ -65,13 +68,14 @@ def load_pairs(args: EvalArgs) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return pairs[: args.limit] if args.limit else pairs
 
 
-def _batch(tensor: torch.Tensor) -> torch.Tensor:
+def _batch(tensor):
     return tensor if tensor.dim() == 4 else tensor[None]
 
 
 def folder_pairs(folder: Path, args: EvalArgs):
     """HR images of a folder, centre-cropped to multiples of 64 and degraded at a fixed seed."""
     import numpy as np
+    import torch
 
     from compress.data.degradations import degrade_bicubic, degrade_realesrgan
     from compress.imaging import ImageInputError, iter_image_paths, load_image
@@ -104,11 +108,13 @@ def folder_pairs(folder: Path, args: EvalArgs):
 def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: EvalArgs | None = None,
              base_model: Path | None = None) -> dict:
     """Run the student and bicubic upsampling on the pairs and score both with every requested metric."""
+    import torch
+    import torch.nn.functional as F
     from tqdm import tqdm
 
-    from compress.colorfix import apply_color_fix
     from compress.models.resolve import load_model, parse_dtype
-    from compress.pipeline import TileSettings, upscale_tensor
+    from compress.options import TileSettings
+    from compress.pipeline import upscale_tensor
     from compress.quality.cost import machine_info
     from compress.quality.fidelity import psnr_y, ssim_y
     from compress.quality.perceptual import build_metric
@@ -117,6 +123,8 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     args = args or EvalArgs()
     loaded = load_model(model, base_model=base_model, device=args.device, dtype=parse_dtype(args.dtype))
     print(f"model: {loaded.description}", file=sys.stderr)
+    print(f"settings: colour fix {args.color_fix}; tiling {args.tile}; degradation {args.degradation}, seed "
+          f"{args.seed}; {args.device} {args.dtype}", file=sys.stderr)
     pairs = load_pairs(args)
 
     scorers, skipped = {}, {}
@@ -137,8 +145,7 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     seconds = []
     for name, lr, hr in tqdm(pairs, desc="eval", unit="img", disable=None):
         start = time.perf_counter()
-        sr = upscale_tensor(loaded.model, lr, TileSettings(mode=args.tile))
-        sr = apply_color_fix(args.color_fix, sr, lr)
+        sr = upscale_tensor(loaded.model, lr, TileSettings(mode=args.tile), args.color_fix)
         seconds.append(time.perf_counter() - start)
         bicubic = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
         row = {"image": name}
@@ -178,7 +185,8 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     report = [
         f"# eval: {loaded.description}",
         "",
-        f"Data: {args.data} ({len(pairs)} images, degradation {args.degradation}, seed {args.seed}).",
+        f"Data: {args.data} ({len(pairs)} images, degradation {args.degradation}, seed {args.seed}); "
+        f"colour fix {args.color_fix}.",
         "Higher is better for " + ", ".join(m for m, (_, hib, _) in scorers.items() if hib)
         + "; lower for the rest." if scorers else "",
         "",
@@ -203,6 +211,8 @@ def _finite_mean(values: list[float]) -> float:
 
 
 def add_parser(subparsers) -> None:
+    from compress.cli import add_dataclass_arguments
+
     parser = subparsers.add_parser(
         "eval",
         help="score a student and bicubic upsampling on validation photos",
@@ -212,25 +222,13 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", default=None, help="saved student, TSD-SR release root or preset:NAME")
     parser.add_argument("--base-model", type=Path, default=None, help="SD3 base folder for a TSD-SR release")
-    parser.add_argument("--data", default="val", help="'val' (built-in validation photos) or a folder of HR images")
-    parser.add_argument("--degradation", default="realesrgan", choices=["realesrgan", "bicubic"])
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
-    parser.add_argument("--seed", type=int, default=0, help="degradation seed")
-    parser.add_argument("--hr-size", type=int, default=256, help="HR crop side for the built-in photos (x64)")
-    parser.add_argument("--color-fix", default="none", choices=["adain", "wavelet", "none"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    parser.add_argument("--tile", default="auto", choices=["auto", "on", "off"])
+    add_dataclass_arguments(parser, EvalArgs)
     parser.add_argument("-o", "--output", type=Path, default=Path("runs/eval"), help="run folder")
     parser.set_defaults(run=run_from_args)
 
 
 def run_from_args(ns: argparse.Namespace) -> int:
-    args = EvalArgs(
-        data=ns.data, degradation=ns.degradation, metrics=tuple(m.strip() for m in ns.metrics.split(",") if m.strip()),
-        seed=ns.seed, hr_size=ns.hr_size, color_fix=ns.color_fix, device=ns.device, dtype=ns.dtype,
-        limit=ns.limit, tile=ns.tile,
-    )
-    evaluate(ns.model, ns.output, args, ns.base_model)
+    from compress.cli import dataclass_from_namespace
+
+    evaluate(ns.model, ns.output, dataclass_from_namespace(EvalArgs, ns), ns.base_model)
     return 0

@@ -1,46 +1,27 @@
-"""Whole-image super-resolution with the one-step student: latent tiling, VAE tiling, colour fix.
+"""Whole-image super-resolution with a one-step student: latent tiling and the colour fix.
 
-Latent tiling follows TSD-SR's test script (brief section 1.6): tiles of 64 latents (512 px) with an
-overlap of 8, the last row/column shifted inside the image, each tile's *velocity* weighted by a separable
-Gaussian window (variance 0.01 on normalised coordinates) and normalised by the summed weights before the
-one-step update. TSD-SR centres the y window at h/2 and x at (w-1)/2; we use (n-1)/2 on both axes.
-VAE tiling is `compress.tiled_vae`: tiles with context padding whose GroupNorm statistics and mid-block
-attention are pooled over the whole image (TSD-SR's vaehook idea), so tiled output stays close to untiled.
+`upscale_tensor` is the one place an image is upscaled whole (used by `compress upscale`, `compress eval`
+and the benchmarks). It calls only the student's stages (`preprocess`, `encode`, `velocity`, `decode`,
+`postprocess`); the VAE's own tiling lives behind `encode` / `decode` (compress.tiled_vae).
+
+Latent tiling follows TSD-SR's test script (Wu et al., CVPR 2025; `test/test_tsdsr.py`): tiles of 64
+latents (512 px) with an overlap of 8, the last row/column shifted inside the image, each tile's
+*velocity* weighted by a separable Gaussian window (variance 0.01 on normalised coordinates) and
+normalised by the summed weights before the one-step update. TSD-SR centres the y window at h/2 and x at
+(w - 1)/2; we use (n - 1)/2 on both axes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
-from compress.models.student import OneStepSR, pad_to_multiple
-from compress.tiled_vae import tiled_decode, tiled_encode
-
-
-@dataclass
-class TileSettings:
-    """How a large image is split. `mode`: auto (tile only when needed), on, off."""
-
-    mode: str = "auto"
-    latent_tile: int = 64
-    latent_overlap: int = 8
-    vae_tile: int = 512
-    vae_pad: int = 64
-
-    def __post_init__(self):
-        if self.mode not in ("auto", "on", "off"):
-            raise ValueError(f"--tile must be auto, on or off, got {self.mode!r}")
-        if self.latent_tile < 8 or self.latent_tile % 2:
-            raise ValueError(f"--latent-tile must be an even number >= 8, got {self.latent_tile}")
-        if not 0 <= self.latent_overlap < self.latent_tile:
-            raise ValueError(f"--latent-overlap must be in [0, latent tile), got {self.latent_overlap}")
-        if self.vae_tile < 64 or self.vae_tile % 64:
-            raise ValueError(f"--vae-tile must be a multiple of 64 (>= 64), got {self.vae_tile}")
-        if self.vae_pad < 0 or self.vae_pad % 16:
-            raise ValueError(f"--vae-pad must be a non-negative multiple of 16 pixels, got {self.vae_pad}")
+from compress.models.student import OneStepSR
+from compress.options import DEFAULT_COLOR_FIX, TileSettings
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -64,7 +45,9 @@ def gaussian_window(height: int, width: int, device, dtype, variance: float = 0.
     return window.to(device=device, dtype=dtype)[None, None]
 
 
-def tiled_velocity(model: OneStepSR, latent: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+def tiled_velocity(
+    model: OneStepSR, latent: torch.Tensor, tile: int, overlap: int, progress: Callable[[int], None] | None = None
+) -> torch.Tensor:
     """The transformer's velocity over a large latent, tile by tile, Gaussian-blended."""
     height, width = latent.shape[-2:]
     if height <= tile and width <= tile:
@@ -78,25 +61,25 @@ def tiled_velocity(model: OneStepSR, latent: torch.Tensor, tile: int, overlap: i
             crop = latent[..., top : top + tile_h, left : left + tile_w]
             velocity[..., top : top + tile_h, left : left + tile_w] += model.velocity(crop) * window
             weight_sum[..., top : top + tile_h, left : left + tile_w] += window
-    return velocity / weight_sum
+            if progress is not None:
+                progress(1)
+    return velocity.div_(weight_sum)
 
 
-def encode_image(model: OneStepSR, image: torch.Tensor, tiled: bool, tiles: TileSettings, generator=None):
-    """model.encode, optionally through the synchronised tiled VAE encoder."""
-    if not tiled:
-        return model.encode(image, generator)
-    posterior = tiled_encode(model.vae, image, tile=tiles.vae_tile, pad=tiles.vae_pad)
-    latent = posterior.sample(generator) if model.settings.sample_posterior else posterior.mode()
-    return latent * model.settings.latent_scaling_factor
+def latent_tile_count(height: int, width: int, tile: int, overlap: int) -> int:
+    return len(tile_starts(height, min(tile, height), overlap)) * len(tile_starts(width, min(tile, width), overlap))
 
 
-def decode_latent(model: OneStepSR, latent: torch.Tensor, tiled: bool, tiles: TileSettings) -> torch.Tensor:
-    """model.decode, optionally through the synchronised tiled VAE decoder."""
-    if not tiled:
-        return model.decode(latent)
-    factor = model.vae_downsample
-    scaled = latent / model.settings.latent_scaling_factor
-    return tiled_decode(model.vae, scaled, tile=tiles.vae_tile // factor, pad=tiles.vae_pad // factor).clamp(-1.0, 1.0)
+@contextmanager
+def _stage_bar(desc: str, total: int, enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar on stderr (with ETA) for one stage of a tiled upscale, or None when not shown."""
+    if not enabled or total <= 1:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        yield bar.update
 
 
 @torch.no_grad()
@@ -104,22 +87,28 @@ def upscale_tensor(
     model: OneStepSR,
     lr: torch.Tensor,
     tiles: TileSettings | None = None,
+    color_fix: str = DEFAULT_COLOR_FIX,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """LR 1 x 3 x h x w in [0, 1] -> SR 1 x 3 x 4h x 4w in [0, 1], tiling when the image needs it."""
-    tiles = tiles or TileSettings()
-    scale = model.settings.upscale
-    height, width = lr.shape[-2] * scale, lr.shape[-1] * scale
-    lr = lr.to(device=model.device, dtype=model.dtype)
-    upsampled = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False)
-    image = pad_to_multiple((upsampled * 2.0 - 1.0).clamp(-1.0, 1.0), model.pixel_multiple)
+    """LR 1 x 3 x h x w in [0, 1] -> SR 1 x 3 x 4h x 4w in [0, 1] (float32), tiling when the image needs it.
 
-    latent_tile = tiles.latent_tile
-    if model.max_latent_side is not None:
-        latent_tile = min(latent_tile, model.max_latent_side)
-    big_image = max(image.shape[-2:]) > tiles.vae_tile
-    use_vae_tiles = tiles.mode == "on" or (tiles.mode == "auto" and big_image)
-    latent_lr = encode_image(model, image, use_vae_tiles, tiles, generator)
+    `color_fix` (compress.colorfix: wavelet, adain or none) aligns the output's colours to the LR input;
+    `progress` shows one bar per tiled stage (VAE encoder, transformer, VAE decoder) with its ETA.
+    """
+    from compress.colorfix import apply_color_fix
+
+    tiles = tiles or TileSettings()
+    lr_size = tuple(lr.shape[-2:])
+    image = model.preprocess(lr)
+    vae_tiling = None if tiles.mode == "off" else tiles.vae
+    height, width = image.shape[-2:]
+    from compress.tiled_vae import tile_count
+
+    vae_tiles = tile_count(height, width, vae_tiling) if vae_tiling is not None and vae_tiling.applies(height, width) else 0
+    with _stage_bar("VAE encoder", vae_tiles, progress) as step:
+        latent_lr = model.encode(image, generator, tiling=vae_tiling, progress=step)
+    del image
     if tiles.mode == "off":
         if model.max_latent_side is not None and max(latent_lr.shape[-2:]) > model.max_latent_side:
             raise ValueError(
@@ -128,6 +117,17 @@ def upscale_tensor(
             )
         velocity = model.velocity(latent_lr)
     else:
-        velocity = tiled_velocity(model, latent_lr, latent_tile, tiles.latent_overlap)
-    sr = decode_latent(model, latent_lr - velocity, use_vae_tiles, tiles)
-    return ((sr[..., :height, :width] + 1.0) / 2.0).float().clamp(0.0, 1.0)
+        latent_tile = tiles.latent_tile
+        if model.max_latent_side is not None:
+            latent_tile = min(latent_tile, model.max_latent_side)
+        count = latent_tile_count(*latent_lr.shape[-2:], latent_tile, tiles.latent_overlap)
+        with _stage_bar("transformer", count, progress) as step:
+            velocity = tiled_velocity(model, latent_lr, latent_tile, tiles.latent_overlap, step)
+    latent = latent_lr.sub_(velocity)
+    del velocity
+    with _stage_bar("VAE decoder", vae_tiles, progress) as step:
+        decoded = model.decode(latent, tiling=vae_tiling, progress=step)
+    del latent
+    sr = model.postprocess(decoded, lr_size).float().clamp_(0.0, 1.0)
+    del decoded
+    return apply_color_fix(color_fix, sr, lr)

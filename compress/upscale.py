@@ -8,9 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from compress.pipeline import TileSettings
+from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TileSettings, check_color_fix
 
 EXAMPLES = """examples:
   python -m compress upscale compress/assets/samples/astronaut_lr.png -o outputs/
@@ -22,24 +20,38 @@ EXAMPLES = """examples:
 
 @dataclass
 class UpscaleArgs:
-    """Options of `upscale`; validation names the offending flag."""
+    """Options of `upscale` (each is a flag of the same name); validation names the offending flag."""
 
-    color_fix: str = "wavelet"
-    device: str = "cpu"
-    dtype: str = "float32"
-    sample_posterior: bool = False
-    seed: int = 0
-    recursive: bool = False
-    max_megapixels: float = 100.0
+    color_fix: str = field(default=DEFAULT_COLOR_FIX, metadata={
+        "choices": COLOR_FIX_METHODS, "help": "align the output's colours to the input (TSD-SR's default: wavelet)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    dtype: str = field(default="float32", metadata={"choices": DTYPE_NAMES, "help": "compute precision"})
+    sample_posterior: bool = field(default=False, metadata={
+        "help": "sample the VAE posterior as TSD-SR does (default: its mode, deterministic)"})
+    seed: int = field(default=0, metadata={"help": "seed for --sample-posterior"})
+    recursive: bool = field(default=False, metadata={"help": "descend into sub-folders of folder inputs"})
+    max_megapixels: float = field(default=100.0, metadata={"help": "refuse outputs larger than this"})
     tiles: TileSettings = field(default_factory=TileSettings)
 
     def __post_init__(self):
-        if self.color_fix not in ("adain", "wavelet", "none"):
-            raise ValueError(f"--color-fix must be adain, wavelet or none, got {self.color_fix!r}")
+        check_color_fix(self.color_fix)
         if self.max_megapixels <= 0:
             raise ValueError(f"--max-megapixels must be positive, got {self.max_megapixels}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device}: CUDA is not available on this machine; use --device cpu")
+
+    def describe(self) -> str:
+        """One line of the settings that shape the output, printed before a run starts."""
+        tiles = self.tiles
+        return (
+            f"settings: colour fix {self.color_fix}; tiling {tiles.mode} (transformer tiles of {tiles.latent_tile} "
+            f"latents, overlap {tiles.latent_overlap}; VAE whole up to {tiles.vae_max_side} px, else tiles of "
+            f"{tiles.vae_tile} px + {tiles.vae_pad} px context); {self.device} {self.dtype}"
+            + ("; sampled posterior, seed " + str(self.seed) if self.sample_posterior else "")
+        )
 
 
 @dataclass
@@ -61,9 +73,9 @@ def upscale(
 
     Unreadable images are reported and skipped; the others are still written (each file atomically).
     """
+    import torch
     from tqdm import tqdm
 
-    from compress.colorfix import apply_color_fix
     from compress.imaging import ImageInputError, iter_image_paths, load_image, save_image, upscale_alpha
     from compress.io import write_json
     from compress.models.resolve import load_model, parse_dtype
@@ -86,6 +98,7 @@ def upscale(
         sample_posterior=args.sample_posterior,
     )
     print(f"model: {loaded.description}", file=sys.stderr)
+    print(args.describe(), file=sys.stderr)
     scale = loaded.model.settings.upscale
     output.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -98,9 +111,7 @@ def upscale(
             tqdm.write(f"skipped: {err}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        lr = image.rgb[None]
-        sr = upscale_tensor(loaded.model, lr, args.tiles, generator)
-        sr = apply_color_fix(args.color_fix, sr, lr)
+        sr = upscale_tensor(loaded.model, image.rgb[None], args.tiles, args.color_fix, generator, progress=True)
         summary.seconds_per_image.append(time.perf_counter() - start)
         alpha = upscale_alpha(image.alpha, scale) if image.alpha is not None else None
         target = output / f"{path.stem}.png"
@@ -116,6 +127,8 @@ def upscale(
 
 
 def add_parser(subparsers) -> None:
+    from compress.cli import add_dataclass_arguments
+
     parser = subparsers.add_parser(
         "upscale",
         help="4x super-resolve images with a one-step student",
@@ -129,31 +142,14 @@ def add_parser(subparsers) -> None:
                         help="saved student folder, TSD-SR release root, or preset:NAME (default: built-in)")
     parser.add_argument("--base-model", type=Path, default=None,
                         help="SD3 base folder (diffusers layout) for a TSD-SR release that does not contain it")
-    parser.add_argument("--color-fix", default="wavelet", choices=["adain", "wavelet", "none"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--sample-posterior", action="store_true",
-                        help="sample the VAE posterior as TSD-SR does (default: its mode, deterministic)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --sample-posterior")
-    parser.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
-    parser.add_argument("--max-megapixels", type=float, default=100.0, help="refuse outputs larger than this")
-    parser.add_argument("--tile", default="auto", choices=["auto", "on", "off"],
-                        help="latent + VAE tiling: auto tiles only images that need it")
-    parser.add_argument("--latent-tile", type=int, default=64, help="latent tile side (64 = 512 px)")
-    parser.add_argument("--latent-overlap", type=int, default=8, help="latent tile overlap")
-    parser.add_argument("--vae-tile", type=int, default=512, help="VAE tile side in output pixels (multiple of 64)")
-    parser.add_argument("--vae-pad", type=int, default=64,
-                        help="context pixels around each VAE tile (multiple of 16); GroupNorm and attention are image-wide")
+    add_dataclass_arguments(parser, UpscaleArgs)
     parser.set_defaults(run=run_from_args)
 
 
 def run_from_args(ns: argparse.Namespace) -> int:
-    tiles = TileSettings(mode=ns.tile, latent_tile=ns.latent_tile, latent_overlap=ns.latent_overlap, vae_tile=ns.vae_tile,
-                         vae_pad=ns.vae_pad)
-    args = UpscaleArgs(
-        color_fix=ns.color_fix, device=ns.device, dtype=ns.dtype, sample_posterior=ns.sample_posterior,
-        seed=ns.seed, recursive=ns.recursive, max_megapixels=ns.max_megapixels, tiles=tiles,
-    )
+    from compress.cli import dataclass_from_namespace
+
+    args = dataclass_from_namespace(UpscaleArgs, ns)
     summary = upscale(ns.inputs, ns.output, ns.model, ns.base_model, args)
     print(f"wrote {len(summary.written)} image(s) to {ns.output}; {len(summary.failed)} failed", file=sys.stderr)
     for path, reason in summary.failed.items():

@@ -35,9 +35,11 @@ from compress.models.lora import (
     FAKE_SCORE_LORA_TARGETS,
     TRANSFORMER_LORA_TARGETS,
     add_lora,
+    lora_disabled,
     vae_encoder_lora_targets,
 )
-from compress.models.student import OneStepSR, pad_to_multiple
+from compress.models.hooks import block_outputs
+from compress.models.student import OneStepSR
 from distill.config import RecipeConfig
 from distill.flow import Conditioning, FlowSchedule
 from distill.losses import (
@@ -128,42 +130,27 @@ class ScoreModel(nn.Module):
 
 
 class StudentForTraining(nn.Module):
-    """The one-step student's training forward: LR, HR -> student latent, decoded image, HR latent."""
+    """The one-step student's training forward: LR, HR -> student latent, decoded image, HR latent.
 
-    def __init__(self, student: OneStepSR, hr_vae: nn.Module, collect_features: bool = False):
+    Everything goes through the student's own stages (preprocess, encode, velocity, decode). The HR latent
+    is the base VAE's (TSD-SR encodes HR with the VAE without its encoder LoRA): the same encoder with the
+    LoRA switched off, so no second copy of the VAE is kept.
+    """
+
+    def __init__(self, student: OneStepSR, collect_features: bool = False):
         super().__init__()
         self.student = student
-        self.hr_vae = hr_vae  # the VAE without encoder LoRA: HR latents are the base VAE's (TSD-SR)
         self.collect_features = collect_features
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor | list]:
         student = self.student
-        image = upsampled_input(lr, student)
-        latent_lr = student.encode(image)
-        features: list[torch.Tensor] = []
-        handles = register_block_hooks(student.transformer, features) if self.collect_features else []
-        try:
-            latent = latent_lr - student.velocity(latent_lr)
-        finally:
-            for handle in handles:
-                handle.remove()
-        decoded = student.vae.decode(latent / student.settings.latent_scaling_factor).sample.clamp(-1, 1)
-        with torch.no_grad():
-            hr_latent = self.hr_vae.encode(hr * 2 - 1).latent_dist.mode() * student.settings.latent_scaling_factor
+        latent_lr = student.encode(student.preprocess(lr))
+        with block_outputs(student.transformer, enabled=self.collect_features) as features:
+            latent = student.restore_latent(latent_lr)
+        decoded = student.decode(latent)
+        with torch.no_grad(), lora_disabled(student.vae):
+            hr_latent = student.encode(hr * 2 - 1)
         return {"latent": latent, "image": decoded, "hr_latent": hr_latent, "features": features}
-
-
-def upsampled_input(lr: torch.Tensor, model: OneStepSR) -> torch.Tensor:
-    scale = model.settings.upscale
-    image = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False) * 2 - 1
-    return pad_to_multiple(image.clamp(-1, 1), model.pixel_multiple)
-
-
-def register_block_hooks(transformer: nn.Module, sink: list) -> list:
-    """Collect the image-stream output of every joint block (feature KD)."""
-    blocks = getattr(transformer, "transformer_blocks", [])
-    return [b.register_forward_hook(lambda _m, _i, out: sink.append(out[-1] if isinstance(out, tuple) else out))
-            for b in blocks]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -229,7 +216,6 @@ class DistillRecipe:
         if cfg.model.student_init == "lora":
             transformer = copy.deepcopy(self.prior.transformer)
             vae = copy.deepcopy(self.prior.vae)
-            hr_vae = copy.deepcopy(self.prior.vae)
             add_lora(transformer, cfg.model.student_rank, TRANSFORMER_LORA_TARGETS)
             add_lora(vae, cfg.model.vae_rank, vae_encoder_lora_targets(vae))
             student = OneStepSR(transformer, vae, self.prior.cond.prompt_embeds, self.prior.cond.pooled)
@@ -238,7 +224,6 @@ class DistillRecipe:
         else:
             student = load_model(None if cfg.model.student_init == "builtin" else cfg.model.student_init).model
             student = student.float().train()
-            hr_vae = copy.deepcopy(student.vae)
             student.requires_grad_(False)
             if cfg.model.trainable == "full":
                 student.transformer.requires_grad_(True)
@@ -246,12 +231,11 @@ class DistillRecipe:
                 add_lora(student.transformer, cfg.model.student_rank, TRANSFORMER_LORA_TARGETS)
                 for name, p in student.transformer.named_parameters():
                     p.requires_grad_("lora_" in name)
-        hr_vae.eval().requires_grad_(False)
         student.vae.decoder.requires_grad_(False)  # the decoder stays frozen (TSD-SR); gradients pass through
         if cfg.train.gradient_checkpointing and hasattr(student.transformer, "enable_gradient_checkpointing"):
             student.transformer.enable_gradient_checkpointing()
         self.student = student
-        self.trainee = StudentForTraining(student, hr_vae, collect_features=cfg.loss.kd_feature > 0)
+        self.trainee = StudentForTraining(student, collect_features=cfg.loss.kd_feature > 0)
 
         self.kd_teacher = None
         if cfg.loss.needs_kd_teacher:
@@ -408,16 +392,9 @@ class DistillRecipe:
                 terms["tsd"] = tsd_loss(latent, grad)
             teacher_latent = None
             if self.kd_teacher is not None:
-                with torch.no_grad():
-                    teacher_features: list[torch.Tensor] = []
-                    handles = (register_block_hooks(self.kd_teacher.transformer, teacher_features)
-                               if loss_cfg.kd_feature > 0 else [])
-                    try:
-                        teacher_latent = self.kd_teacher.restore_latent(
-                            self.kd_teacher.encode(upsampled_input(lr, self.kd_teacher)))
-                    finally:
-                        for h in handles:
-                            h.remove()
+                teacher = self.kd_teacher
+                with torch.no_grad(), block_outputs(teacher.transformer, loss_cfg.kd_feature > 0) as teacher_features:
+                    teacher_latent = teacher.restore_latent(teacher.encode(teacher.preprocess(lr)))
                 if loss_cfg.kd_latent_l1 > 0:
                     terms["kd_latent_l1"] = latent_l1(latent, teacher_latent)
                 if loss_cfg.kd_latent_mse > 0:

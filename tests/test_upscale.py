@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from compress.__main__ import main as compress_main
-from compress.pipeline import TileSettings, tile_starts, upscale_tensor
+from compress.options import TileSettings
+from compress.pipeline import tile_starts, upscale_tensor
 from tests.conftest import REPO, run_cli
 
 
@@ -82,12 +83,14 @@ def test_tiled_and_untiled_outputs_agree(saved_student):
 
     model = OneStepSR.from_pretrained(saved_student)
     lr = torch.from_numpy(_photo(96, 128).copy()).permute(2, 0, 1)[None].float() / 255  # 384x512 output
-    untiled = upscale_tensor(model, lr, TileSettings(mode="off"))
-    tiled = upscale_tensor(model, lr, TileSettings(mode="on", latent_tile=32, latent_overlap=8, vae_tile=256))
+    untiled = upscale_tensor(model, lr, TileSettings(mode="off"), color_fix="none")
+    tiled = upscale_tensor(model, lr, TileSettings(mode="on", latent_tile=32, latent_overlap=8, vae_tile=256),
+                           color_fix="none")
     assert tiled.shape == untiled.shape == (1, 3, 384, 512)
     psnr_full = float(psnr_y(tiled, untiled))
     # VAE tiling alone: latent tiles larger than the latent, VAE tiles of 256 px with 64 px context.
-    vae_only = upscale_tensor(model, lr, TileSettings(mode="on", latent_tile=64, vae_tile=256, vae_pad=64))
+    vae_only = upscale_tensor(model, lr, TileSettings(mode="on", latent_tile=64, vae_tile=256, vae_pad=64),
+                              color_fix="none")
     psnr_vae = float(psnr_y(vae_only, untiled))
     # Latent (transformer) tiling alone, VAE untiled: the part TSD-SR tiles with Gaussian blending.
     with torch.no_grad():

@@ -8,6 +8,8 @@ TSD-SR (train/train.py, utils/util.py) adapts the SD3 transformer and the VAE *e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -198,3 +200,27 @@ def has_lora(model: nn.Module) -> bool:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its base weights (every LoRA adapter off) inside the block; a model without LoRA is unchanged.
+
+    peft's `enable_adapters` also switches `requires_grad` of the adapter weights; the flags are put back
+    as they were, so a trainable adapter stays trainable and a frozen one frozen.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    active = [layer.active_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, adapters in zip(layers, active):
+            layer.enable_adapters(True)
+            layer.set_adapter(adapters)
+        for param, flag in flags:
+            param.requires_grad_(flag)

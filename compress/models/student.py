@@ -1,9 +1,14 @@
-"""The TSD-SR one-step student as one module, and the project's own save/load format for it.
+"""The TSD-SR one-step student as one module that owns its stages, and the project's own save/load format.
 
-Forward pass (brief section 1.5): LR in [0, 1] -> bicubic x4 -> [-1, 1] -> z_L = scaling * E(x)
-(posterior mode by default; TSD-SR samples, which is unseeded there) -> v = transformer(z_L, t=1000,
-fixed prompt) -> z_H = z_L - v (flow matching, sigma = 1) -> D(z_H / scaling) -> clamp.
-The VAE shift factor is never applied, as in TSD-SR.
+Forward pass (TSD-SR, Wu et al., CVPR 2025, Sec. 3 and the official `test/test_tsdsr.py`): LR in [0, 1]
+-> bicubic x4 -> [-1, 1] -> pad to the network stride (`preprocess`) -> z_L = scaling * E(x) (`encode`;
+posterior mode by default, TSD-SR samples it, unseeded) -> v = transformer(z_L, t = 1000, fixed prompt)
+(`velocity`) -> z_H = z_L - v (flow matching, sigma = 1) -> D(z_H / scaling), clamped (`decode`) -> crop
+and map back to [0, 1] (`postprocess`). The VAE shift factor is never applied, as in TSD-SR.
+
+`preprocess`, `encode`, `velocity` and `decode` are the only way the toolkit reaches the two networks
+(whole-image upscaling, evaluation, distillation, export), so a transformer or VAE of another class, a
+pruned or slimmed one, drops in through the class registry below and `student_config.json`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.models.errors import ModelLoadError
+from compress.options import VAETiling
 
 STUDENT_CONFIG_NAME = "student_config.json"
 CONDITIONING_NAME = "conditioning.safetensors"
@@ -36,16 +42,36 @@ class StudentSettings:
     description: str = ""
 
 
-def _transformer_classes() -> dict[str, type]:
-    from diffusers import SD3Transformer2DModel
+# Component classes a saved student may name in student_config.json, as "module:attribute" (imported on
+# use). Compression code registers the classes it creates (pruned transformers, slimmed VAEs).
+_COMPONENT_CLASSES: dict[str, dict[str, str | type]] = {
+    "transformer": {"SD3Transformer2DModel": "diffusers:SD3Transformer2DModel"},
+    "vae": {"AutoencoderKL": "diffusers:AutoencoderKL"},
+}
 
-    return {"SD3Transformer2DModel": SD3Transformer2DModel}
+
+def register_component_class(kind: str, cls: type | str, name: str | None = None) -> None:
+    """Make `cls` (a class, or "module:attribute") loadable as the student's `kind` ("transformer" or "vae")."""
+    if kind not in _COMPONENT_CLASSES:
+        raise ValueError(f"component kind must be one of {sorted(_COMPONENT_CLASSES)}, got {kind!r}")
+    if name is None:
+        name = cls.__name__ if isinstance(cls, type) else cls.rsplit(":", 1)[-1]
+    _COMPONENT_CLASSES[kind][name] = cls
 
 
-def _vae_classes() -> dict[str, type]:
-    from diffusers import AutoencoderKL
+def component_class(kind: str, name: str) -> type:
+    """The registered class called `name` for `kind`; unknown names raise KeyError listing the known ones."""
+    known = _COMPONENT_CLASSES[kind]
+    if name not in known:
+        raise KeyError(f"unknown {kind} class {name!r}; known: {sorted(known)}")
+    target = known[name]
+    if isinstance(target, str):
+        import importlib
 
-    return {"AutoencoderKL": AutoencoderKL}
+        module, _, attribute = target.partition(":")
+        target = getattr(importlib.import_module(module), attribute)
+        known[name] = target
+    return target
 
 
 class OneStepSR(nn.Module):
@@ -104,10 +130,40 @@ class OneStepSR(nn.Module):
             self.to(dtype)
         return self.eval()
 
-    # -- the three stages -----------------------------------------------------------------------------
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image in [-1, 1] -> z_L = scaling * E(x) (mode, or a sample when settings.sample_posterior)."""
-        posterior = self.vae.encode(image).latent_dist
+    # -- the stages ------------------------------------------------------------------------------------
+    def preprocess(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR batch B x 3 x h x w in [0, 1] -> bicubic x4 in [-1, 1], replicate-padded to the network stride.
+
+        The output is `pixel_multiple`-aligned; `postprocess` crops it back to 4h x 4w.
+        """
+        lr = lr.to(device=self.device, dtype=self.dtype)
+        scale = self.settings.upscale
+        size = (lr.shape[-2] * scale, lr.shape[-1] * scale)
+        upsampled = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
+        if upsampled.requires_grad:
+            image = (upsampled * 2.0 - 1.0).clamp(-1.0, 1.0)
+        else:  # the same arithmetic in place: a 6000x4000 image is 288 MB per copy
+            image = upsampled.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0)
+        return pad_to_multiple(image, self.pixel_multiple)
+
+    def encode(
+        self,
+        image: torch.Tensor,
+        generator: torch.Generator | None = None,
+        tiling: VAETiling | None = None,
+        progress=None,
+    ) -> torch.Tensor:
+        """Image in [-1, 1] -> z_L = scaling * E(x) (mode, or a sample when settings.sample_posterior).
+
+        With `tiling`, an image larger than `tiling.max_side` is encoded tile by tile in bounded memory
+        (compress.tiled_vae); `progress(n)` is called as tiles finish.
+        """
+        if tiling is not None and tiling.applies(*image.shape[-2:]):
+            from compress.tiled_vae import tiled_encode
+
+            posterior = tiled_encode(self.vae, image, tiling, progress)
+        else:
+            posterior = self.vae.encode(image).latent_dist
         latent = posterior.sample(generator) if self.settings.sample_posterior else posterior.mode()
         return latent * self.settings.latent_scaling_factor
 
@@ -122,27 +178,33 @@ class OneStepSR(nn.Module):
             kwargs["pooled_projections"] = self.pooled_prompt_embeds.to(latent.dtype).expand(batch, -1)
         return self.transformer(hidden_states=latent, timestep=timestep, return_dict=False, **kwargs)[0]
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """z_H -> image in [-1, 1] (clamped)."""
-        return self.vae.decode(latent / self.settings.latent_scaling_factor).sample.clamp(-1.0, 1.0)
+    def decode(self, latent: torch.Tensor, tiling: VAETiling | None = None, progress=None) -> torch.Tensor:
+        """z_H -> image in [-1, 1] (clamped); tiled like `encode` when `tiling` says so."""
+        scaled = latent / self.settings.latent_scaling_factor
+        factor = self.vae_downsample
+        if tiling is not None and tiling.applies(latent.shape[-2] * factor, latent.shape[-1] * factor):
+            from compress.tiled_vae import tiled_decode
+
+            return tiled_decode(self.vae, scaled, tiling, progress).clamp(-1.0, 1.0)
+        return self.vae.decode(scaled).sample.clamp(-1.0, 1.0)
 
     def restore_latent(self, latent_lr: torch.Tensor) -> torch.Tensor:
         """One flow-matching Euler step from sigma = 1 to 0: z_H = z_L - v."""
         return latent_lr - self.velocity(latent_lr)
 
+    def postprocess(self, image: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
+        """Decoded image in [-1, 1] -> [0, 1], cropped to 4x the LR size (undoes the stride padding)."""
+        height, width = lr_size[0] * self.settings.upscale, lr_size[1] * self.settings.upscale
+        cropped = image[..., :height, :width] + 1.0
+        return cropped.div_(2.0) if not cropped.requires_grad else cropped / 2.0
+
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """LR batch B x 3 x h x w in [0, 1] -> SR batch B x 3 x 4h x 4w in [0, 1], no tiling.
 
-        Sizes that are not multiples of the network's stride are padded (replicate) and cropped back,
-        so the output is exactly 4x the input. For large images use compress.pipeline.upscale_tensor.
+        For large images and the colour fix use compress.pipeline.upscale_tensor.
         """
-        scale = self.settings.upscale
-        height, width = lr.shape[-2] * scale, lr.shape[-1] * scale
-        upsampled = F.interpolate(lr, size=(height, width), mode="bicubic", align_corners=False)
-        image = (upsampled * 2.0 - 1.0).clamp(-1.0, 1.0)
-        image = pad_to_multiple(image, self.pixel_multiple)
-        sr = self.decode(self.restore_latent(self.encode(image)))
-        return (sr[..., :height, :width] + 1.0) / 2.0
+        sr = self.decode(self.restore_latent(self.encode(self.preprocess(lr))))
+        return self.postprocess(sr, lr.shape[-2:])
 
     # -- persistence ----------------------------------------------------------------------------------
     def save_pretrained(self, path: Path | str, overwrite: bool = False) -> Path:
@@ -195,15 +257,14 @@ class OneStepSR(nn.Module):
             raise ModelLoadError(f"{config_path}: 'format' is {payload.get('format')!r}, expected {FORMAT_TAG!r}")
         fields = StudentSettings.__dataclass_fields__
         settings = StudentSettings(**{k: v for k, v in payload.items() if k in fields})
-        transformer_classes, vae_classes = _transformer_classes(), _vae_classes()
-        for kind, name, known in (
-            ("transformer", settings.transformer_class, transformer_classes),
-            ("vae", settings.vae_class, vae_classes),
-        ):
-            if name not in known:
-                raise ModelLoadError(f"{config_path}: unknown {kind} class {name!r}; known: {sorted(known)}")
-        transformer = load_diffusers_model(transformer_classes[settings.transformer_class], path / "transformer")
-        vae = load_diffusers_model(vae_classes[settings.vae_class], path / "vae")
+        classes = {}
+        for kind, name in (("transformer", settings.transformer_class), ("vae", settings.vae_class)):
+            try:
+                classes[kind] = component_class(kind, name)
+            except KeyError as err:
+                raise ModelLoadError(f"{config_path}: {err.args[0]}") from None
+        transformer = load_diffusers_model(classes["transformer"], path / "transformer")
+        vae = load_diffusers_model(classes["vae"], path / "vae")
         prompt_embeds = pooled = None
         if (path / CONDITIONING_NAME).exists():
             conditioning = read_safetensors(path / CONDITIONING_NAME, "prompt conditioning")

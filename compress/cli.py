@@ -1,0 +1,76 @@
+"""Command-line flags built from the dataclasses that define the settings (one definition of every default).
+
+A field becomes `--field-name` (or `metadata["flag"]`), typed from its annotation, with `metadata["help"]`,
+`metadata["choices"]` and `metadata["parse"]` (a function from the flag's text to the value) when given.
+Nested dataclass fields are flattened. `dataclass_from_namespace` rebuilds the dataclass, so its
+`__post_init__` checks run and name the flag to fix. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """int | None -> int; float -> float; anything else (str, Literal) -> str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        annotation = args[0]
+    return annotation if annotation in (int, float) else str
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of `cls` (recursively for nested dataclasses) to `parser`."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip or not field.init:
+            continue
+        default = _default(field)
+        if dataclasses.is_dataclass(default):
+            add_dataclass_arguments(parser, type(default), skip)
+            continue
+        help_text = field.metadata.get("help", "")
+        if hints[field.name] is bool:
+            if default:
+                raise TypeError(f"{cls.__name__}.{field.name}: a flag that defaults to True cannot be switched off")
+            parser.add_argument(_flag(field), dest=field.name, action="store_true", help=help_text)
+            continue
+        kind = field.metadata.get("parse", _scalar_type(hints[field.name]))
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            _flag(field), dest=field.name, type=kind, default=default,
+            choices=field.metadata.get("choices"),
+            help=f"{help_text} (default: {shown})" if help_text else f"default: {shown}",
+        )
+
+
+def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
+    """Build `cls` from parsed flags (nested dataclasses included); validation errors name the flag."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        default = _default(field)
+        if dataclasses.is_dataclass(default):
+            values[field.name] = dataclass_from_namespace(type(default), namespace)
+        elif hasattr(namespace, field.name):
+            values[field.name] = getattr(namespace, field.name)
+    return cls(**values)
+
+
+def comma_separated(text: str) -> tuple[str, ...]:
+    """'psnr, ssim' -> ('psnr', 'ssim'): the `parse` of a tuple-of-names field."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
