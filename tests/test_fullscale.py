@@ -15,8 +15,8 @@ def test_fullscale_check(tmp_path):
     import sys
 
     out = tmp_path / "fullscale.json"
-    subprocess.run([sys.executable, str(REPO / "scripts/fullscale_check.py"), "--json", str(out)], check=True,
-                   cwd=REPO, timeout=3600)
+    subprocess.run([sys.executable, "-m", "benchmarks.fullscale", "--json", str(out)], check=True, cwd=REPO,
+                   timeout=3600)
     result = json.loads(out.read_text())
     assert result["output"] == [1, 3, 512, 512] and result["latent"] == [1, 16, 64, 64]
     assert 2020 < result["params_transformer_M"] < 2035

@@ -79,20 +79,16 @@ def test_reconstruction_only_baseline_loads_on_the_shared_base():
 
 
 def test_shipped_vae_leaves_room_above_bicubic():
-    """scripts/compare_reference.py's VAE table: with the wavelet colour fix, the shipped VAE's reconstruction of
+    """benchmarks.compare_reference's VAE table: with the wavelet colour fix, the shipped VAE's reconstruction of
     the HR crops is above bicubic on PSNR (so the bicubic-setting PSNR point is reachable on this VAE), and its
     round trip of the bicubic input (a student with zero velocity) stays close to bicubic itself."""
-    import importlib.util
+    from benchmarks.compare_reference import vae_reference_rows
+    from compress.models.lora import lora_disabled
+    from compress.models.release import load_tsdsr_release
 
-    from tests.conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("compare_reference", REPO / "scripts/compare_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(REFERENCE_DIR / "base" / "vae")).eval()
-    means, per_image = module.vae_reference_rows(vae, "bicubic", 256, "wavelet")
+    student = load_tsdsr_release(REFERENCE_DIR, merge=False)
+    with lora_disabled(student):
+        means, per_image = vae_reference_rows(student, "bicubic", 256, "wavelet")
     assert len(per_image) == 7
     from compress.reference import bicubic_psnr, validation_images
 

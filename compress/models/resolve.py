@@ -19,8 +19,13 @@ import torch
 from compress.models.errors import ModelLoadError
 from compress.models.student import STUDENT_CONFIG_NAME, OneStepSR
 
-# Where the built-in reference student lives once it is trained and shipped (TSD-SR release layout).
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
+# The built-in models and the sample photo, inside the installed package (compress/assets/).
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+# The built-in reference student (TSD-SR release layout) and its reconstruction-only baseline (LoRAs and
+# embeddings only; it loads on REFERENCE_DIR / "base").
+REFERENCE_DIR = ASSETS_DIR / "reference"
+REFERENCE_REC_DIR = ASSETS_DIR / "reference-rec"
+SAMPLE_IMAGE = ASSETS_DIR / "samples" / "astronaut_lr.png"
 
 
 @dataclass

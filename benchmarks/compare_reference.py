@@ -7,30 +7,32 @@ shared VAE allows, with the same colour fix: its reconstruction of the HR crop (
 would give) and its round trip of the bicubic input (a student whose velocity is zero). Writes
 OUT/comparison.md and OUT/comparison.json (with machine and package versions).
 
-    python scripts/compare_reference.py --out runs/compare
-    python scripts/compare_reference.py --model tsd=compress/assets/reference \
+    python -m benchmarks.compare_reference --out runs/compare
+    python -m benchmarks.compare_reference --color-fix none --out runs/compare-none
+    python -m benchmarks.compare_reference --model tsd=compress/assets/reference \
         --model rec=compress/assets/reference-rec --base-model compress/assets/reference/base
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from compress.models.resolve import REFERENCE_DIR, REFERENCE_REC_DIR
+from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX
 
 DEFAULT_MODELS = {
-    "TSD student (shipped default)": str(REPO / "compress/assets/reference"),
-    "reconstruction-only student": str(REPO / "compress/assets/reference-rec"),
+    "TSD student (shipped default)": str(REFERENCE_DIR),
+    "reconstruction-only student": str(REFERENCE_REC_DIR),
 }
 
 
-def vae_reference_rows(vae, degradation: str, hr_size: int, color_fix: str) -> tuple[dict, list[dict]]:
-    """PSNR-Y / SSIM-Y of ``vae`` (an eval-mode AutoencoderKL): its HR reconstruction and of its round trip of the bicubic input, colour-fixed
-    like the students; returns (means, per-image rows)."""
+def vae_reference_rows(student, degradation: str, hr_size: int, color_fix: str) -> tuple[dict, list[dict]]:
+    """PSNR-Y / SSIM-Y of a student's VAE alone: its reconstruction of the HR crop (what a perfect latent would
+    give) and its round trip of the bicubic input (a student whose velocity is zero), colour-fixed like the
+    students; returns (means, per-image rows). Pass a release loaded with `merge=False` inside
+    `compress.models.lora.lora_disabled` to measure the shared base VAE."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -45,8 +47,7 @@ def vae_reference_rows(vae, degradation: str, hr_size: int, color_fix: str) -> t
         row = {"image": name}
         for label, source in (("vae_hr_reconstruction", hr[None]), ("vae_bicubic_round_trip", bicubic)):
             with torch.no_grad():
-                latent = vae.encode(source * 2 - 1).latent_dist.mode()
-                image = ((vae.decode(latent).sample.clamp(-1, 1) + 1) / 2).float()
+                image = ((student.decode(student.encode(source * 2 - 1)) + 1) / 2).float()
             image = apply_color_fix(color_fix, image, lr[None])
             row[label] = {"psnr": float(psnr_y(image, hr[None])[0]), "ssim": float(ssim_y(image, hr[None])[0])}
         per_image.append(row)
@@ -64,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
     parser.add_argument("--model", action="append", default=[], metavar="LABEL=PATH",
                         help="model to score (repeatable); default: the shipped TSD and reconstruction-only students")
-    parser.add_argument("--base-model", type=Path, default=REPO / "compress/assets/reference/base",
+    parser.add_argument("--base-model", type=Path, default=REFERENCE_DIR / "base",
                         help="base folder for releases that ship only LoRA + embeddings")
     parser.add_argument("--hr-size", type=int, default=256)
-    parser.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
+    parser.add_argument("--color-fix", default=DEFAULT_COLOR_FIX, choices=COLOR_FIX_METHODS,
+                        help=f"colour fix of every student output (default: {DEFAULT_COLOR_FIX}, as upscale and eval)")
     parser.add_argument("--no-vae-rows", action="store_true", help="skip the table of what the shared VAE allows")
     parser.add_argument("--metrics", default=None,
                         help="comma-separated metric names (default: every offline metric, as `compress eval`)")
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: model {label!r}: {path} does not exist", file=sys.stderr)
             return 2
 
-    metric_args = {"metrics": tuple(m.strip() for m in ns.metrics.split(",") if m.strip())} if ns.metrics else {}
+    from compress.cli import comma_separated
+
+    metric_args = {"metrics": comma_separated(ns.metrics)} if ns.metrics else {}
     results = {}
     rows = []
     for degradation in ("realesrgan", "bicubic"):
@@ -96,13 +100,22 @@ def main(argv: list[str] | None = None) -> int:
                      **{m: f"{v:.4f}" for m, v in bicubic.items()}})
     vae_rows, vae_results = [], {}
     if not ns.no_vae_rows:
-        from diffusers import AutoencoderKL
+        from compress.models.lora import lora_disabled
+        from compress.models.release import is_release_root, load_tsdsr_release
+        from compress.models.resolve import load_model
 
-        vae_dir = ns.base_model / "vae"
-        vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+        first = Path(next(iter(models.values())))
+        if is_release_root(first):  # the base VAE all the release's students share: LoRAs loaded, switched off
+            base = ns.base_model if not (first / "base").is_dir() else None
+            student = load_tsdsr_release(first, base=base, merge=False)
+            vae_dir = f"the base VAE of {first}"
+        else:
+            student = load_model(str(first)).model
+            vae_dir = f"the VAE of {first}"
         for degradation in ("realesrgan", "bicubic"):
-            means, per_image = vae_reference_rows(vae, degradation, ns.hr_size, ns.color_fix)
-            vae_results[degradation] = {"mean": means, "per_image": per_image, "vae": str(vae_dir)}
+            with lora_disabled(student):
+                means, per_image = vae_reference_rows(student, degradation, ns.hr_size, ns.color_fix)
+            vae_results[degradation] = {"mean": means, "per_image": per_image, "vae": vae_dir}
             for label, text in (("vae_hr_reconstruction", "VAE reconstruction of the HR crop (perfect latent)"),
                                 ("vae_bicubic_round_trip", "VAE round trip of the bicubic input (zero velocity)")):
                 vae_rows.append({"degradation": degradation, "method": text,
@@ -122,14 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     if vae_rows:
-        lines += [f"What the shared VAE ({ns.base_model / 'vae'}) allows, same colour fix ({ns.color_fix}):", "",
+        lines += [f"What the shared VAE allows ({vae_dir}, LoRAs off), same colour fix ({ns.color_fix}):", "",
                   format_table(vae_rows, ["degradation", "method", "psnr", "ssim"]), ""]
     lines += [f"- skipped {m}: {reason}" for m, reason in skipped.items()]
     lines += ["", f"Machine: {info.get('cpu_model', '')}; torch {info.get('packages', {}).get('torch', '')}."]
+    from compress.io import atomic_path, write_json
+
     ns.out.mkdir(parents=True, exist_ok=True)
-    (ns.out / "comparison.md").write_text("\n".join(lines) + "\n")
-    (ns.out / "comparison.json").write_text(json.dumps({"rows": rows, "vae_rows": vae_rows, "vae": vae_results,
-                                                               "skipped": skipped, "machine": info}, indent=2))
+    with atomic_path(ns.out / "comparison.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    write_json(ns.out / "comparison.json", {"rows": rows, "vae_rows": vae_rows, "vae": vae_results,
+                                            "skipped": skipped, "machine": info})
     print("\n".join(lines))
     return 0
 

@@ -5,8 +5,8 @@ upscale through the whole student and prints parameters (transformer, VAE), MACs
 MACs = FLOPs / 2), latency (median over --repeats after --warmup) and peak memory, with the machine and
 library versions. Random weights make the output meaningless; shapes, counts, time and memory are real.
 
-    python scripts/fullscale_check.py                # ~9 GB RAM, a few minutes on 2 CPU cores
-    python scripts/fullscale_check.py --json out.json
+    python -m benchmarks.fullscale                # ~9 GB RAM, a few minutes on 2 CPU cores
+    python -m benchmarks.fullscale --json out.json
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         macs_total = count_macs(model, lr)
         first_run_seconds = time.perf_counter() - start
-        upsampled = torch.zeros(1, 3, 4 * ns.lr_size, 4 * ns.lr_size)
+        upsampled = model.preprocess(lr)
         latent = model.encode(upsampled)
         macs_encode = count_macs(model.encode, upsampled)
         macs_transformer = count_macs(model.velocity, latent)
