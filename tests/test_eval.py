@@ -18,6 +18,7 @@ def saved_student(tiny_release, tmp_path_factory):
 
 
 def test_eval_writes_metrics_and_report(saved_student, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # LPIPS weights are surely absent
     run = tmp_path / "run"
     result = run_cli(
         "compress", "eval", "--model", str(saved_student), "--limit", "2", "--hr-size", "128",
@@ -32,9 +33,12 @@ def test_eval_writes_metrics_and_report(saved_student, tmp_path, monkeypatch):
     # Bicubic on a bicubic-degraded 128 px crop is a real baseline: well above a random image.
     assert metrics["mean"]["bicubic"]["psnr"] > 20
     assert metrics["machine"]["packages"]["torch"]
-    lpips = metrics["skipped_metrics"].get("lpips")
-    if lpips is not None:  # weights absent on this machine: the reason names a file, never a silent number
-        assert ".pth" in lpips and "lpips" not in metrics["mean"]["student"]
+    # Weights absent: the reason names the missing file, and no number is reported for it.
+    lpips = metrics["skipped_metrics"]["lpips"]
+    assert "alexnet-owt-7be5be79.pth" in lpips and str(tmp_path / "empty-torch-home") in lpips
+    assert "lpips" not in metrics["mean"]["student"] and "lpips" not in metrics["mean"]["bicubic"]
+    assert metrics["settings"]["color_fix"] == "wavelet"  # eval's default is upscale's
+    assert "colour fix wavelet" in result.stderr
     report = (run / "report.md").read_text()
     assert "| student" in report and "| bicubic" in report
     assert "student" in result.stdout

@@ -154,16 +154,16 @@ def test_release_cli_exit_code_in_a_fresh_process(tiny_release, tmp_path):
 
 
 def test_saved_student_reloads_identically_in_a_fresh_process(tiny_release, tmp_path):
-    from compress.models.lora import merge_lora
+    from compress.models.lora import has_lora
 
-    root, _ = tiny_release
+    root, unmerged = tiny_release
     model = load_tsdsr_release(root)  # merged
     saved = model.save_pretrained(tmp_path / "student")
     torch.save(LR, tmp_path / "lr.pt")
     expected = _output(model)
     script = (
         "import torch,sys; from compress.models.student import OneStepSR;"
-        f"m=OneStepSR.from_pretrained(r'{saved}'); x=torch.load(r'{tmp_path / 'lr.pt'}');"
+        f"m=OneStepSR.from_pretrained(r'{saved}'); x=torch.load(r'{tmp_path / 'lr.pt'}', weights_only=True);"
         f"torch.save(m(x).detach(), r'{tmp_path / 'out.pt'}')"
     )
     import subprocess
@@ -172,11 +172,16 @@ def test_saved_student_reloads_identically_in_a_fresh_process(tiny_release, tmp_
     from tests.conftest import REPO
 
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
-    reloaded = torch.load(tmp_path / "out.pt")
+    reloaded = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.equal(reloaded, expected)
     with pytest.raises(FileExistsError):
         model.save_pretrained(tmp_path / "student")
-    assert merge_lora  # merged models carry no peft wrappers, so they save
+    # The release loader merged the LoRAs, so no peft wrapper is left to save; an unmerged student is refused.
+    assert not has_lora(model.transformer) and not has_lora(model.vae)
+    assert has_lora(unmerged.transformer)
+    with pytest.raises(ValueError, match="merge the LoRA"):
+        unmerged.save_pretrained(tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
 
 
 def test_saved_student_with_missing_weights_fails(tiny_release, tmp_path):

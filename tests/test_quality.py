@@ -102,8 +102,10 @@ def test_psnr_ssim_match_pyiqa_computed_here(calibration_pairs, pyiqa):
         # Undo pyiqa's MSE epsilon exactly; it only matters for near-lossless pairs (I04, I06 are ~57 dB).
         theirs_without_eps = -10 * math.log10(10 ** (-theirs_psnr_y / 10) - PYIQA_PSNR_EPS)
         assert ours_psnr_y == pytest.approx(theirs_without_eps, abs=1e-3), name
-        if theirs_psnr_y < 40:
-            assert ours_psnr_y == pytest.approx(theirs_psnr_y, abs=1e-3), name
+        # pyiqa's epsilon moves PSNR by < 1e-3 dB below 40 dB (there both agree directly) and visibly above
+        # (I04, I06 are ~57 dB): agreement must hold exactly where the epsilon is negligible.
+        agree = ours_psnr_y == pytest.approx(theirs_psnr_y, abs=1e-3)
+        assert agree == (theirs_psnr_y < 40), (name, ours_psnr_y, theirs_psnr_y)
         assert float(fidelity.ssim_y(dist, ref)) == pytest.approx(float(pyiqa_ssim_y(dist, ref)), abs=1e-4), name
 
 
@@ -408,8 +410,20 @@ def test_peak_memory_and_machine_info():
         info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"] == torch.__version__
     )
     hostname = socket.gethostname()
-    if len(hostname) >= 6:
-        assert hostname not in json.dumps(info)
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for k, v in value.items() for s in [str(k), *strings(v)]]
+        if isinstance(value, (list, tuple)):
+            return [s for v in value for s in strings(v)]
+        return [str(value)]
+
+    # The record names the machine's kind, never the machine: the host name appears in no field, whole or
+    # as a word inside one.
+    import re
+
+    pattern = re.compile(rf"(?<![\w-]){re.escape(hostname)}(?![\w-])")
+    assert not any(pattern.search(text) for text in strings(info)), hostname
 
 
 # ------------------------------------------------------------------------------------------------------------
