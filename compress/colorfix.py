@@ -1,7 +1,8 @@
 """Colour alignment of a super-resolved image to its low-resolution input, as in TSD-SR.
 
 One-step diffusion SR tends to drift in colour (a global tint or a contrast change). TSD-SR fixes
-this after decoding (``--align_method``, see research notes section 1.5):
+this after decoding (``--align_method`` of TSD-SR's ``test/test_tsdsr.py``, from StableSR's
+``wavelet_color_fix``):
 
 * ``adain``: per-channel mean and standard deviation of the SR output are matched to those of the
   original-size LR image.

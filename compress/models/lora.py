@@ -3,7 +3,7 @@
 TSD-SR (train/train.py, utils/util.py) adapts the SD3 transformer and the VAE *encoder* with
 `LoraConfig(r=64, lora_alpha=64, init_lora_weights="gaussian")` and saves both through diffusers'
 `save_lora_weights`, so every key carries a `transformer.` prefix, the VAE one included
-(brief sections 1.2, 1.3 and 5.1).
+(the official release's `checkpoint/tsdsr/{transformer,vae}.safetensors`).
 """
 
 from __future__ import annotations

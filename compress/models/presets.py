@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 # SD3-medium, as the stock diffusers `transformer/config.json` of
-# stabilityai/stable-diffusion-3-medium-diffusers (brief section 1.1).
+# stabilityai/stable-diffusion-3-medium-diffusers, the base TSD-SR loads (TSD-SR's `test/test_tsdsr.py`).
 SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
     "sample_size": 128,
     "patch_size": 2,
@@ -45,7 +45,7 @@ SD3_MEDIUM_VAE: dict[str, Any] = {
     "use_post_quant_conv": False,
 }
 
-# FlowMatchEulerDiscreteScheduler of SD3-medium (brief section 1.1).
+# FlowMatchEulerDiscreteScheduler of SD3-medium (its `scheduler/scheduler_config.json`).
 SD3_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 
 # TSD-SR's fixed prompt: CLIP-L/G (77 tokens, padded to 4096) + T5 (256 tokens) = 333 x 4096, pooled 2048.
