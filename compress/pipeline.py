@@ -78,7 +78,10 @@ def _stage_bar(desc: str, total: int, enabled: bool) -> Iterator[Callable[[int],
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+    # A terminal gets a live bar; a log file a line every 15 s rather than a stream of carriage returns.
+    interval = 0.5 if sys.stderr.isatty() else 15.0
+    with tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, leave=False, dynamic_ncols=True,
+              mininterval=interval) as bar:
         yield bar.update
 
 
@@ -97,14 +100,13 @@ def upscale_tensor(
     `progress` shows one bar per tiled stage (VAE encoder, transformer, VAE decoder) with its ETA.
     """
     from compress.colorfix import apply_color_fix
+    from compress.tiled_vae import tile_count
 
     tiles = tiles or TileSettings()
     lr_size = tuple(lr.shape[-2:])
     image = model.preprocess(lr)
     vae_tiling = None if tiles.mode == "off" else tiles.vae
     height, width = image.shape[-2:]
-    from compress.tiled_vae import tile_count
-
     vae_tiles = tile_count(height, width, vae_tiling) if vae_tiling is not None and vae_tiling.applies(height, width) else 0
     with _stage_bar("VAE encoder", vae_tiles, progress) as step:
         latent_lr = model.encode(image, generator, tiling=vae_tiling, progress=step)

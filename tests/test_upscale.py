@@ -191,3 +191,18 @@ def test_default_model_run_says_which_model(tmp_path):
     assert "model:" in result.stderr
     with Image.open(tmp_path / "astronaut_lr.png") as im:
         assert im.size == (512, 512)
+
+
+def test_a_tiled_upscale_prints_model_settings_and_tile_progress(saved_student, tmp_path):
+    path = tmp_path / "wide.png"
+    Image.fromarray(_photo(72, 120)).save(path)  # 288 x 480 output: tiled with these settings
+    result = run_cli("compress", "upscale", str(path), "-o", str(tmp_path / "out"), "--model", str(saved_student),
+                     "--vae-max-side", "128", "--vae-tile", "128", "--latent-tile", "16", "--latent-overlap", "4")
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert err.index("model: saved student") < err.index("settings: colour fix wavelet; tiling auto") < err.index(
+        "VAE encoder")
+    for stage in ("VAE encoder", "transformer", "VAE decoder"):
+        assert stage in err and "tile" in err.split(stage, 1)[1][:80], stage
+    with Image.open(tmp_path / "out" / "wide.png") as im:
+        assert im.size == (480, 288)
