@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import ConfigError, RecipeConfig, list_presets, resolve_preset
+from distill.training import CHECKPOINT_DIR
 
 
 @dataclass
@@ -50,8 +51,8 @@ class TrainArgs:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"--set expects section.key=value, got {item!r}")
         resolve_preset(self.preset)
-        if self.resume and not (self.out / "checkpoints").is_dir():
-            raise ConfigError(f"--resume: {self.out}/checkpoints does not exist; start without --resume")
+        if self.resume and not (self.out / CHECKPOINT_DIR).is_dir():
+            raise ConfigError(f"--resume: {self.out / CHECKPOINT_DIR} does not exist; start without --resume")
 
     def config(self) -> RecipeConfig:
         overrides = dict(item.split("=", 1) for item in self.overrides)
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help=f"preset name ({', '.join(list_presets())}) or a YAML file")
     p.add_argument("--out", required=True, type=Path, help="run folder (config, log.csv, checkpoints, model, metrics)")
-    p.add_argument("--prior", help="prior folder (base/ + embeddings/) from scripts/train_reference.py")
+    p.add_argument("--prior", help="prior folder (base/ + dataset/{default,null}/, TSD-SR release layout) from "
+                   "scripts/train_reference.py, a release root, or 'builtin'")
     p.add_argument("--student", help="student to re-distil: model folder, release root, preset:NAME, or 'builtin'")
     p.add_argument("--teacher", help="KD teacher student (default of the preset; 'builtin' = shipped reference)")
     p.add_argument("--steps", type=int, help="total steps of the schedule (overrides train.steps)")

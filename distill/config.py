@@ -26,9 +26,12 @@ class ConfigError(ValueError):
 class ModelSection:
     """Which networks take part.
 
-    prior:      "builtin" (the shipped reference release, compress/assets/reference), a folder with the text-to-image flow prior (teacher score model) and the VAE:
-                `base/{transformer,vae}` + `embeddings/{prompt,pool,null_prompt,null_pool}_embeds.pt`
-                (scripts/train_reference.py writes it), or a TSD-SR release root with dataset/null/.
+    prior:      "builtin" (the shipped reference release, compress/assets/reference) or a prior folder: the
+                text-to-image flow prior (teacher score model), its VAE and the default/null prompt embeddings in
+                the TSD-SR release layout, `base/{transformer,vae,scheduler}` +
+                `dataset/default/{prompt,pool}_embeds.pt` + `dataset/null/{prompt,pool}_embeds.pt`
+                (`compress.models.release.prior_paths`; scripts/train_reference.py writes it, and a TSD-SR
+                release root with the SD3 base in base/ and the null embeddings is one).
                 Needed by tsd, hf_score and adversarial terms and by `student_init: lora`.
     student_init: "lora"  -> student = prior transformer + fresh LoRA, prior VAE + encoder LoRA (TSD-SR);
                   a model spec (folder, release root, preset:NAME) -> that student, re-distilled.
@@ -52,7 +55,7 @@ class ModelSection:
         if self.trainable not in ("lora", "full"):
             raise ConfigError(f"model.trainable must be lora or full, got {self.trainable!r}")
         if self.student_init == "lora" and not self.prior:
-            raise ConfigError("model.student_init: lora needs model.prior (the folder with base/ and embeddings/)")
+            raise ConfigError("model.student_init: lora needs model.prior (a prior folder with base/ and dataset/)")
 
 
 @dataclass

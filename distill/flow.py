@@ -1,7 +1,9 @@
 """Rectified-flow helpers shared by the distillation losses: the SD3 schedule, conditioning, velocity functions.
 
-Notation (brief section 2.2): z_t = (1 - sigma) z_0 + sigma * eps, the networks predict the velocity
-v ~ eps - z_0, so z_0 = z_t - sigma * v. TSD-SR indexes the schedule as ``scheduler.timesteps[idx]`` with
+Notation (rectified flow as SD3 trains it: Esser et al., "Scaling Rectified Flow Transformers for
+High-Resolution Image Synthesis", ICML 2024, Sec. 3; TSD-SR, Wu et al., CVPR 2025, uses it as is):
+z_t = (1 - sigma) z_0 + sigma * eps, the networks predict the velocity v ~ eps - z_0, so z_0 = z_t - sigma * v.
+TSD-SR's ``train/train.py`` indexes the schedule as ``scheduler.timesteps[idx]`` with
 idx in [0, 1000): index 0 is the noisiest point (sigma = 1, t = 1000) and index 999 the cleanest
 (sigma ~ 0.003), so *higher index = lower noise*. The tables are taken from diffusers'
 ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)`` rather than re-derived, so a change
@@ -19,10 +21,10 @@ from torch import Tensor
 __all__ = [
     "Conditioning",
     "FlowSchedule",
+    "ScoreModel",
     "VelocityFn",
     "cfg_velocity",
     "per_sample",
-    "transformer_velocity_fn",
 ]
 
 
@@ -37,7 +39,7 @@ def per_sample(value: Tensor | float, like: Tensor) -> Tensor:
 
 
 class FlowSchedule:
-    """SD3's shifted flow-matching schedule as TSD-SR indexes it (brief sections 2.2, 2.3).
+    """SD3's shifted flow-matching schedule as TSD-SR's ``train/train.py`` indexes it (``randint(50, 950)``).
 
     ``timesteps`` and ``sigmas`` are float32 tensors of 1000 entries, descending (index 0: t = 1000, sigma = 1).
     With shift 3, index 50 gives sigma ~ 0.983 and index 949 sigma ~ 0.139 (the TSD-SR teacher range).
@@ -110,7 +112,8 @@ class FlowSchedule:
 class Conditioning:
     """Prompt conditioning of an SD3 transformer: sequence embeddings (1|B, L, D) and pooled (1|B, P).
 
-    TSD-SR stores the fixed prompts with a leading batch of 1 and repeats them (brief section 1.4).
+    TSD-SR stores the fixed prompts with a leading batch of 1 and repeats them (``test/test_tsdsr.py`` loads
+    ``dataset/default/{prompt,pool}_embeds.pt`` and repeats them over the batch).
     """
 
     prompt_embeds: Tensor
@@ -183,25 +186,30 @@ def cfg_velocity(
     return v_u + guidance * (v_c - v_u)
 
 
-def transformer_velocity_fn(transformer: torch.nn.Module) -> VelocityFn:
-    """Wrap a diffusers ``SD3Transformer2DModel`` (optionally with peft LoRA layers) as a :data:`VelocityFn`.
+class ScoreModel(torch.nn.Module):
+    """A diffusers ``SD3Transformer2DModel`` (peft LoRA layers allowed) as a :data:`VelocityFn` module.
 
-    Conditioning is cast to the latent's device and dtype; which LoRA adapter is active is the caller's business
-    (TSD-SR switches ``set_adapter("default")`` / ``("reg")`` on one module for teacher / fake score).
+    ``forward(z_t, timesteps, cond)``: timesteps (B,) or a scalar for the batch, conditioning with batch 1 or B;
+    both are cast to the latent's device and dtype. An ``nn.Module`` so that a trainable score model (TSD-SR's
+    fake score) can go through ``accelerator.prepare`` (DDP) and a frozen one (the teacher) can be moved with
+    ``.to``. Which LoRA adapter is active is the caller's business (TSD-SR's ``train/train.py`` switches
+    ``set_adapter("default")`` / ``("reg")`` on one module for the teacher and the fake score).
     """
 
-    def velocity(z_t: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, z_t: Tensor, timesteps: Tensor | float, cond: Conditioning) -> Tensor:
         batch = z_t.shape[0]
         cond = cond.expand(batch).to(device=z_t.device, dtype=z_t.dtype)
-        timesteps = torch.as_tensor(timesteps, device=z_t.device)
+        timesteps = torch.as_tensor(timesteps, device=z_t.device, dtype=z_t.dtype)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch)
-        return transformer(
+        return self.transformer(
             hidden_states=z_t,
             timestep=timesteps,
             encoder_hidden_states=cond.prompt_embeds,
             pooled_projections=cond.pooled,
             return_dict=False,
         )[0]
-
-    return velocity

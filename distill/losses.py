@@ -1,36 +1,45 @@
 """Distillation losses: TSD-SR's Target Score Distillation (+ DASM, fake-score update) and TinySR's KD terms.
 
-Everything follows the brief (``shared/research/tinysr-tsdsr.md``) and, where the paper and the released code
-differ, the code:
+Sources: TSD-SR (Wu et al., "One-Step Diffusion Model for Image Super-Resolution via Target Score Distillation",
+CVPR 2025, arXiv 2411.18263) and its released code (github.com/Microtreei/TSD-SR, ``train/train.py`` and
+``script/train.sh``); where paper and code differ, the code is followed. TinySR (arXiv 2508.17434, Sec. 3.3 and
+supplementary A.4) for the re-distillation terms; TAD-SR (He et al.) for the adversarial terms.
 
-* TSD gradient (section 2.3): for each evaluation point k,
+* TSD gradient (TSD-SR Eqs. 3-5, as ``train/train.py`` computes it): for each evaluation point k,
   ``w_k * sigma_k^2 * (lam * (v_psi^cfg(zh_k) - v_phi^cfg(zh_k)) + (1 - lam) * (v_psi^cfg(zh_k) - v_psi^cfg(z_k)))``
   with lam = 0.7 (VSD share), CFG 7.5 for both the teacher psi and the fake score phi, and the **same noise** for
   the noised student latent zh and the noised HR latent z. It is injected as
   ``0.5 * mean((zh - stopgrad(zh - grad))^2)`` so d loss / d zh = grad / numel.
-* DASM (section 2.4): N = 4 points about 50 indices apart towards lower sigma, weights (1, .3, .3, .3); between
-  points zh moves with the fake model's CFG velocity and z with the teacher's (Euler, x += (s_next - s_cur) v).
-* Fake-score update (section 2.6): x0-parameterised MSE on the detached student latent, no CFG, random
-  sigmoid(N(0, 1)) per-sample weight.
-* TinySR re-distillation (section 3.4): stage 1 ``|z_stu - z_tea|_1``; stage 2 ``5 L1 + 1 LPIPS + 0.3 GAN``.
-* Adversarial terms: hinge D loss (TAD-SR Eq. 12) with the matching hinge G loss ``-mean(D(fake))`` (TAD-SR Eq. 11);
-  a non-saturating G loss is offered as an alternative. The brief leaves TinySR's GAN form open (open question 8).
+* DASM (TSD-SR Eq. 6 and Alg. 1; ``--use_dasm`` in ``train/train.py``): N = 4 points about 50 indices apart
+  towards lower sigma, weights (1, .3, .3, .3); between points zh moves with the fake model's CFG velocity and z
+  with the teacher's (Euler, x += (s_next - s_cur) v).
+* Fake-score update (TSD-SR Eq. 9, ``train/train.py``): x0-parameterised MSE on the detached student latent, no
+  CFG, random sigmoid(N(0, 1)) per-sample weight (``--weighting_scheme logit_normal``).
+* TinySR re-distillation (Sec. 3.3, supp. A.4): stage 1 ``|z_stu - z_tea|_1``; stage 2 ``5 L1 + 1 LPIPS + 0.3 GAN``
+  (the weights live in ``distill/presets/redistill-stage*.yaml``).
+* Adversarial terms: hinge D loss (TAD-SR Eq. 12) with the matching hinge G loss ``-mean(D(fake))`` (TAD-SR
+  Eq. 11). TinySR does not state the form of its GAN loss; the recipe uses TAD-SR's hinge pair for both.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.flow import Conditioning, FlowSchedule, VelocityFn, cfg_velocity, per_sample
+from distill.flow import (
+    Conditioning,
+    FlowSchedule,
+    VelocityFn,
+    cfg_velocity,
+    per_sample,
+)
 
 __all__ = [
-    "KDWeights",
     "TSDConfig",
     "dasm_indices",
     "fake_score_loss",
@@ -39,13 +48,11 @@ __all__ = [
     "hinge_g_loss",
     "latent_l1",
     "latent_mse",
-    "nonsaturating_d_loss",
-    "nonsaturating_g_loss",
     "tsd_gradient",
     "tsd_loss",
 ]
 
-LAST_INDEX = 999  # the cleanest schedule entry; DASM endpoints are clamped to it (brief 2.4)
+LAST_INDEX = 999  # the cleanest schedule entry; DASM endpoints are clamped to it (``min(..., 999)`` in train.py)
 FAKE_SCORE_WEIGHTINGS = ("logit_normal", "sigma_sqrt", "none")
 
 
@@ -56,11 +63,12 @@ FAKE_SCORE_WEIGHTINGS = ("logit_normal", "sigma_sqrt", "none")
 
 @dataclass
 class TSDConfig:
-    """Hyper-parameters of the TSD gradient (defaults: TSD-SR's ``train.py`` / ``train.sh``, brief 2.3-2.4).
+    """Hyper-parameters of the TSD gradient (defaults: TSD-SR's ``train/train.py`` / ``script/train.sh``).
 
     ``vsd_weight`` is lambda: the VSD share (0.7); the TSM share is ``1 - vsd_weight``. ``index_low``/``index_high``
     bound the teacher index like ``randint(50, 950)``. DASM is off by default because the released ``train.sh``
-    (the stage-1 recipe) does not pass ``--use_dasm``; the paper turns it on in later stages (brief 2.8).
+    (the stage-1 recipe) does not pass ``--use_dasm``; the paper turns it on in later stages (TSD-SR paper,
+    training details of its experiments: stage 1 without DASM, later stages with it).
     """
 
     vsd_weight: float = 0.7
@@ -112,7 +120,7 @@ class TSDConfig:
 
 
 def dasm_indices(index: int, config: TSDConfig, generator: torch.Generator | None = None) -> list[int]:
-    """Schedule indices visited from ``index`` (brief 2.4, "Distribution-Aware Sampling Module").
+    """Schedule indices visited from ``index`` (TSD-SR's Distribution-Aware Sampling Module, Eq. 6, Alg. 1).
 
     Without DASM: ``[index]``. With DASM, as the code does it: the right end is
     ``min(index + dasm_step * dasm_points + b, 999)`` with ``b`` uniform on the integers ``[-bias, bias]``
@@ -123,7 +131,7 @@ def dasm_indices(index: int, config: TSDConfig, generator: torch.Generator | Non
     The first ``dasm_points`` entries are the N evaluation points (entry 0 is the sampled index itself, with weight
     ``dasm_weights[0]``); the last entry is only where the final Euler move would land, and since nothing is
     evaluated there, :func:`tsd_gradient` never makes that move. Whether the original draws b from [-25, 25) or
-    [-25, 25] is not verified (brief: ``randint(-25, 25)``); the symmetric inclusive range is used here.
+    [-25, 25] is not verified (``train/train.py``: ``randint(-25, 25)``); the symmetric inclusive range is used.
     """
     index = int(index)
     if not 0 <= index <= LAST_INDEX:
@@ -176,7 +184,7 @@ def tsd_gradient(
     config: TSDConfig,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """The TSD gradient w.r.t. the student latent zh (brief 2.3; DASM 2.4), computed without autograd.
+    """The TSD gradient w.r.t. the student latent zh (TSD-SR Eqs. 3-5; DASM Eq. 6), computed without autograd.
 
     ``grad = sum_k w_k sigma_k^2 [lam (v_psi(zh_k) - v_phi(zh_k)) + (1 - lam)(v_psi(zh_k) - v_psi(z_k))]`` where every
     v is the CFG velocity (``config.guidance`` with ``cond`` / ``uncond``), zh_0 and z_0 are the student and HR
@@ -254,7 +262,7 @@ def fake_score_loss(
     weighting: str = "logit_normal",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Diffusion loss that teaches the fake score phi the student's output distribution (brief 2.6).
+    """Diffusion loss that teaches the fake score phi the student's output distribution (TSD-SR Eq. 9).
 
     zh is detached; ``zh_t = sigma eps + (1 - sigma) zh``; ``x0 = zh_t - sigma v_phi(zh_t; t, cond)`` with **no CFG**;
     ``loss = 0.5 * mean(w * (x0 - zh)^2)`` with a per-sample weight w:
@@ -301,35 +309,15 @@ def _same_shape(a: Tensor, b: Tensor, what: str) -> None:
 
 
 def latent_mse(student: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error between latents (TSD-SR's stage-1 ``MSE(z, zh)``, brief 2.5)."""
+    """Mean squared error between latents (TSD-SR's ``MSE(z, zh)`` of L_Rec, Eq. 7)."""
     _same_shape(student, target, "latent_mse")
     return F.mse_loss(student.to(_acc_dtype(student)), target.to(_acc_dtype(student)))
 
 
 def latent_l1(student: Tensor, target: Tensor) -> Tensor:
-    """Mean absolute error between latents (TinySR ``|z_stu - z_tea|_1``, brief 3.4)."""
+    """Mean absolute error between latents (TinySR ``|z_stu - z_tea|_1``, Sec. 3.3)."""
     _same_shape(student, target, "latent_l1")
     return F.l1_loss(student.to(_acc_dtype(student)), target.to(_acc_dtype(student)))
-
-
-@dataclass
-class KDWeights:
-    """TinySR stage-2 re-distillation weights (brief 3.4): ``5 L1(latent) + 1 LPIPS + 0.3 GAN``.
-
-    ``feature`` (intermediate-feature KD) is 0: the paper's losses are only latent L1, LPIPS and GAN (open
-    question 9). Stage 1 is the latent L1 alone (set the other weights to 0).
-    """
-
-    latent_l1: float = 5.0
-    perceptual: float = 1.0
-    adversarial: float = 0.3
-    feature: float = 0.0
-
-    def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"KDWeights.{field.name} must be a finite number >= 0, got {value}")
 
 
 def feature_kd_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> Tensor:
@@ -376,17 +364,3 @@ def hinge_d_loss(real_logits: Tensor | Sequence[Tensor], fake_logits: Tensor | S
 def hinge_g_loss(fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
     """Hinge generator loss ``-mean(D(fake))`` (TAD-SR Eq. 11): the one to pair with :func:`hinge_d_loss`."""
     return torch.stack([-f.float().mean() for f in _heads(fake_logits)]).mean()
-
-
-def nonsaturating_g_loss(fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
-    """Non-saturating generator loss ``mean(softplus(-D(fake)))`` = -log sigmoid(D(fake)) (alternative to hinge)."""
-    return torch.stack([F.softplus(-f.float()).mean() for f in _heads(fake_logits)]).mean()
-
-
-def nonsaturating_d_loss(real_logits: Tensor | Sequence[Tensor], fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
-    """Logistic discriminator loss ``mean(softplus(-D(real))) + mean(softplus(D(fake)))`` (pairs with the NS G loss)."""
-    real, fake = _heads(real_logits), _heads(fake_logits)
-    if len(real) != len(fake):
-        raise ValueError(f"nonsaturating_d_loss: {len(real)} real heads but {len(fake)} fake heads")
-    per_head = [F.softplus(-r.float()).mean() + F.softplus(f.float()).mean() for r, f in zip(real, fake, strict=True)]
-    return torch.stack(per_head).mean()

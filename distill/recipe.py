@@ -6,8 +6,9 @@ adversarial) and TAD-SR's alternative (HF score distillation + time-aware discri
 loss weights decide which networks are built and which terms run.
 
 Determinism and resume: every random draw of step s (data items, timestep indices, noise) comes from
-generators seeded by (seed, s, process), and checkpoints hold model/optimiser/scheduler states
-(`accelerator.save_state`), the EMA and the step, so a resumed run reproduces the uninterrupted loss curve.
+generators seeded by (seed, s, process), and checkpoints hold model/optimiser/scheduler states, the RNG and
+the EMA (Accelerate state, `distill.training.CheckpointManager`) and the step, so a resumed run reproduces the
+uninterrupted loss curve; the log is truncated to the checkpoint's step (`distill.training.CsvLog`).
 Multi-GPU / multi-node: run the same command under `accelerate launch`; gradients are synchronised
 because every trainable network is called through its prepared (DDP) wrapper.
 """
@@ -15,10 +16,6 @@ because every trainable network is called through its prepared (DDP) wrapper.
 from __future__ import annotations
 
 import copy
-import csv
-import json
-import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ from compress.data.pairs import SRPairDataset
 from compress.data.photos import list_photos
 from compress.io import atomic_dir, atomic_path, write_json
 from compress.models.errors import ModelLoadError
+from compress.models.hooks import block_outputs
 from compress.models.lora import (
     FAKE_SCORE_LORA_TARGETS,
     TRANSFORMER_LORA_TARGETS,
@@ -38,24 +36,32 @@ from compress.models.lora import (
     lora_disabled,
     vae_encoder_lora_targets,
 )
-from compress.models.hooks import block_outputs
 from compress.models.student import OneStepSR
 from distill.config import RecipeConfig
-from distill.flow import Conditioning, FlowSchedule
+from distill.flow import Conditioning, FlowSchedule, ScoreModel
 from distill.losses import (
     fake_score_loss,
     feature_kd_loss,
     hinge_d_loss,
+    hinge_g_loss,
     latent_l1,
     latent_mse,
-    hinge_g_loss,
     tsd_gradient,
     tsd_loss,
 )
+from distill.training import (
+    CHECKPOINT_DIR,
+    LOG_NAME,
+    CheckpointManager,
+    CsvLog,
+    list_checkpoints,
+    make_accelerator,
+    warmup_cosine,
+)
 
-CHECKPOINT_DIR = "checkpoints"
-LOG_NAME = "log.csv"
 MODEL_DIR = "model"
+LOG_COLUMNS = ("step", "seconds", "total", "lr", "perceptual", "latent_mse", "pixel_l1", "tsd", "kd_latent_l1",
+               "kd_latent_mse", "kd_feature", "hf_score", "adversarial", "fake_score", "discriminator")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -70,63 +76,49 @@ class Prior:
     path: Path
 
 
-PRIOR_EMBEDDING_FILES = {
-    "prompt": ("embeddings/prompt_embeds.pt", "dataset/default/prompt_embeds.pt"),
-    "pooled": ("embeddings/pool_embeds.pt", "dataset/default/pool_embeds.pt"),
-    "null_prompt": ("embeddings/null_prompt_embeds.pt", "dataset/null/prompt_embeds.pt"),
-    "null_pooled": ("embeddings/null_pool_embeds.pt", "dataset/null/pool_embeds.pt"),
-}
-
-
 def load_prior(path: Path | str) -> Prior:
-    """Load `path/base/{transformer,vae}` and the default/null embeddings (our layout or a release's)."""
+    """Load a prior folder: the TSD-SR release layout with the base inside (``compress.models.release.prior_paths``).
+
+    ``base/{transformer,vae}`` and ``dataset/default/{prompt,pool}_embeds.pt`` + ``dataset/null/...`` (the null
+    embeddings are CFG's unconditional branch). ``"builtin"`` is the shipped reference release; a reference
+    kit from ``scripts/train_reference.py`` (``OUT/kit``, or ``OUT`` itself) has this layout too.
+    """
     from compress.models.checks import load_diffusers_model
+    from compress.models.release import load_embedding, prior_paths
 
     if str(path) == "builtin":
         from compress.models.resolve import REFERENCE_DIR
 
         path = REFERENCE_DIR
-    path = Path(path)
-    if not (path / "base").is_dir():
+    layout = prior_paths(path)
+    if not layout.base.is_dir():
         raise ModelLoadError(
-            f"prior folder {path} has no base/ (transformer/, vae/); create it with "
-            f"`python scripts/train_reference.py --out {path} --stage prior` or point model.prior at a release root"
+            f"prior folder {layout.root} has no base/ (transformer/, vae/); create it with "
+            f"`python scripts/train_reference.py --out {layout.root} --stage prior` or point model.prior at a "
+            "TSD-SR release root with the SD3 base in base/"
         )
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    transformer = load_diffusers_model(SD3Transformer2DModel, path / "base" / "transformer")
-    vae = load_diffusers_model(AutoencoderKL, path / "base" / "vae")
-    tensors = {}
-    for key, candidates in PRIOR_EMBEDDING_FILES.items():
-        found = next((path / c for c in candidates if (path / c).is_file()), None)
-        if found is None:
-            raise ModelLoadError(f"prior {path}: missing {key} embedding; looked for {', '.join(candidates)}")
-        tensors[key] = torch.load(found, map_location="cpu", weights_only=True).float()
+    missing = [str(file) for file in layout.embeddings.values() if not file.is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"prior {layout.root}: missing embedding file(s) {', '.join(missing)}; a prior folder needs "
+            "dataset/default/ and dataset/null/ (TSD-SR release layout; scripts/train_reference.py --stage prior writes them)"
+        )
+    transformer = load_diffusers_model(SD3Transformer2DModel, layout.transformer)
+    vae = load_diffusers_model(AutoencoderKL, layout.vae)
+    width, pooled_width = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
+    tensors = {
+        name: load_embedding(file, f"prior {name}", pooled_width if "pool" in name else width, "pool" not in name)
+        for name, file in layout.embeddings.items()
+    }
     return Prior(
         transformer.float().eval().requires_grad_(False),
         vae.float().eval().requires_grad_(False),
-        Conditioning(tensors["prompt"], tensors["pooled"]),
-        Conditioning(tensors["null_prompt"], tensors["null_pooled"]),
-        path,
+        Conditioning(tensors["prompt_embeds"], tensors["pool_embeds"]),
+        Conditioning(tensors["null_prompt_embeds"], tensors["null_pool_embeds"]),
+        layout.root,
     )
-
-
-class ScoreModel(nn.Module):
-    """A transformer as a velocity function v(z_t, t, cond) (what the losses call)."""
-
-    def __init__(self, transformer: nn.Module):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, z_t: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        c = cond.expand(z_t.shape[0])
-        return self.transformer(
-            hidden_states=z_t,
-            timestep=timesteps.to(z_t.dtype),
-            encoder_hidden_states=c.prompt_embeds.to(z_t),
-            pooled_projections=c.pooled.to(z_t),
-            return_dict=False,
-        )[0]
 
 
 class StudentForTraining(nn.Module):
@@ -206,9 +198,9 @@ class DistillRecipe:
 
     # -- load -----------------------------------------------------------------------------------------
     def load(self) -> "DistillRecipe":
-        from compress.models.resolve import load_model
-
         from accelerate.utils import set_seed
+
+        from compress.models.resolve import load_model
 
         cfg = self.cfg
         set_seed(cfg.train.seed)  # LoRA initialisation (gaussian A) must be the same in every run and process
@@ -256,7 +248,7 @@ class DistillRecipe:
             from distill.tadsr import TimeAwareDiscriminator
 
             self.discriminator = TimeAwareDiscriminator(self.prior.transformer, num_blocks=cfg.model.discriminator_blocks)
-            self.d_trainable = [p for p in self.discriminator.parameters() if p.requires_grad]
+            self.d_trainable = self.discriminator.trainable_parameters()
 
         self.perceptual, self.perceptual_name = None, None
         if cfg.loss.perceptual > 0:
@@ -268,10 +260,8 @@ class DistillRecipe:
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> "DistillRecipe":
-        from accelerate import Accelerator
-
         cfg = self.cfg
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
         acc = self.accelerator
         self.data = PairBatches(cfg, acc.num_processes, acc.process_index)
 
@@ -283,7 +273,9 @@ class DistillRecipe:
         if not trainable:
             raise ValueError("the student has no trainable parameters; check model.trainable")
         self.optimizer = adamw(trainable, cfg.optim.lr)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(cfg.train.steps, cfg.optim.warmup_steps, decay=cfg.optim.schedule)
+        )
         self.trainee, self.optimizer, self.lr_scheduler = acc.prepare(self.trainee, self.optimizer, self.lr_scheduler)
         if self.fake is not None:
             self.fake_optimizer = adamw([p for p in self.fake.parameters() if p.requires_grad], cfg.optim.lr_fake)
@@ -301,65 +293,39 @@ class DistillRecipe:
             self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
             acc.register_for_checkpointing(self.ema)
         self.trainable = trainable
+        self.checkpoints = CheckpointManager(acc, self.out, keep=cfg.train.keep_checkpoints)
+        self.log = CsvLog(self.out / LOG_NAME, LOG_COLUMNS)
         if self.resume:
             self._restore()
         elif acc.is_main_process:
             self._start_folder()
         return self
 
-    def _lr_lambda(self, step: int) -> float:
-        optim = self.cfg.optim
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        progress = (step - optim.warmup_steps) / max(1, self.cfg.train.steps - optim.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
     def _start_folder(self) -> None:
-        if (self.out / CHECKPOINT_DIR).exists() or (self.out / MODEL_DIR).exists():
+        if list_checkpoints(self.out) or (self.out / MODEL_DIR).exists():
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.log.path.is_file():  # rows of a run that stopped before its first checkpoint
+            self.log.truncate(0)
         with atomic_path(self.out / "config.yaml") as tmp:
             import yaml
 
             tmp.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def _checkpoints(self) -> list[Path]:
-        folder = self.out / CHECKPOINT_DIR
-        found = [p for p in folder.glob("step-*") if (p / "trainer_state.json").is_file()] if folder.is_dir() else []
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
     def _save_checkpoint(self) -> None:
-        acc = self.accelerator
-        target = self.out / CHECKPOINT_DIR / f"step-{self.state.step:07d}"
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            with atomic_dir(target, overwrite=True) as tmp:
-                acc.save_state(str(tmp))
-                write_json(tmp / "trainer_state.json", {"step": self.state.step, "seconds": self.state.seconds})
-            for old in self._checkpoints()[: -self.cfg.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        self.checkpoints.save(self.state.step, seconds=self.state.seconds)
 
     def _restore(self) -> None:
-        checkpoints = self._checkpoints()
-        if not checkpoints:
+        if not list_checkpoints(self.out):
             raise FileNotFoundError(
                 f"--resume: no checkpoint under {self.out / CHECKPOINT_DIR} (looked for step-*/trainer_state.json); "
                 "start without --resume"
             )
-        latest = checkpoints[-1]
-        self.accelerator.load_state(str(latest))
-        saved = json.loads((latest / "trainer_state.json").read_text())
+        saved = self.checkpoints.restore()
         self.state.step, self.state.seconds = int(saved["step"]), float(saved["seconds"])
-        log = self.out / LOG_NAME
-        if log.is_file() and self.accelerator.is_main_process:  # drop rows written after the checkpoint
-            with log.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.state.step]
-            self._write_log(rows, mode="w")
-            self.state.history = rows
+        if self.accelerator.is_main_process:  # drop rows written after the checkpoint
+            self.state.history = self.log.truncate(self.state.step)
 
     # -- run ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -478,24 +444,13 @@ class DistillRecipe:
             if acc.is_main_process and (self.state.step % self.cfg.train.log_every == 0 or self.state.step == self.stop_at):
                 row = {"step": self.state.step, "seconds": round(self.state.seconds, 3), **logs}
                 self.state.history.append(row)
-                self._write_log([row], mode="a")
+                self.log.append([row])
                 bar.set_postfix(loss=f"{logs['total']:.4f}")
             bar.update(1)
             if self.state.step % self.cfg.train.checkpoint_every == 0 or self.state.step == self.stop_at:
                 self._save_checkpoint()
         bar.close()
         return self
-
-    def _write_log(self, rows: list[dict], mode: str) -> None:
-        path = self.out / LOG_NAME
-        columns = ["step", "seconds", "total", "lr", "perceptual", "latent_mse", "pixel_l1", "tsd", "kd_latent_l1",
-                   "kd_latent_mse", "kd_feature", "hf_score", "adversarial", "fake_score", "discriminator"]
-        new_file = mode == "w" or not path.exists()
-        with path.open(mode if not new_file else "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
 
     # -- save -----------------------------------------------------------------------------------------
     def save(self) -> Path | None:
@@ -533,8 +488,8 @@ class DistillRecipe:
         if self.ema is not None:
             self.ema.restore(self.trainable)
         last = self.state.history[-20:]
-        final = {k: sum(float(r[k]) for r in last if r.get(k) not in (None, "")) / max(1, len(last))
-                 for k in (last[0].keys() if last else []) if k not in ("step", "seconds", "lr")}
+        logged = {k: [float(r[k]) for r in last if r.get(k) not in (None, "")] for k in LOG_COLUMNS}
+        final = {k: sum(v) / len(v) for k, v in logged.items() if v and k not in ("step", "seconds", "lr")}
         metrics = {
             "recipe": self.cfg.name,
             "steps": self.state.step,

@@ -223,9 +223,14 @@ class TimeAwareDiscriminator(nn.Module):
     def backbone_modules(self) -> list[nn.Module]:
         return [self.pos_embed, self.time_text_embed, self.context_embedder, self.blocks]
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The trainable discriminator parameters (time MLP and heads), for the optimiser."""
-        return list(self.time_mlp.parameters()) + list(self.heads.parameters())
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the discriminator's optimiser updates: the time MLP and the heads (Eq. 10), plus the copied
+        backbone when ``train_backbone``. The distillation recipe builds its discriminator optimiser from this
+        list and freezes exactly these parameters during the generator step."""
+        params = list(self.time_mlp.parameters()) + list(self.heads.parameters())
+        if self.train_backbone:
+            params += [p for module in self.backbone_modules() for p in module.parameters()]
+        return params
 
     def train(self, mode: bool = True) -> TimeAwareDiscriminator:
         super().train(mode)

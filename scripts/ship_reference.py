@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 BUDGET_MB = 40.0
 STAGES = ("vae", "decoder", "prior", "student", "student-rec")

@@ -8,10 +8,12 @@ Stages: 1 `vae` (AutoencoderKL on HR crops), 1b `decoder` (more decoder-only tra
 it can run beside stage 2), 2 `prior` (SD3 transformer trained as a rectified-flow prior on the VAE's latents),
 3 `student` (TSD distillation with `python -m distill`, preset reference-tsd, plus the reconstruction-only
 baseline reference-rec). `all` runs 1, 1b, 2, 3.
-Rerunning the same command continues from OUT/<stage>/checkpoint.pt with the same loss curve as an
-uninterrupted run; finished stages are skipped. --restart discards a stage's progress and trains it again;
+Rerunning the same command continues from the newest OUT/<stage>/checkpoints/step-*/ with the same loss curve
+as an uninterrupted run; finished stages are skipped. --restart discards a stage's progress and trains it again;
 --extend continues a finished stage to a larger step count (e.g. a longer VAE run for a better PSNR).
-Outputs: OUT/base/{vae,transformer,scheduler}, OUT/embeddings/*.pt, OUT/<stage>/{log.csv,metrics.json}.
+Outputs (a prior folder in the TSD-SR release layout): OUT/base/{vae,transformer,scheduler},
+OUT/dataset/{default,null}/{prompt_embeds,pool_embeds}.pt, OUT/kit/ (what stage 3 trains from),
+OUT/<stage>/{log.csv,checkpoints/,metrics.json}. The code is the package distill.reference.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGE_CHOICES = ("vae", "decoder", "prior", "student", "all")
 
@@ -31,9 +31,10 @@ def stage_student(args: argparse.Namespace) -> None:
     `reference-tsd` is the shipped student; `reference-rec` (same budget, reconstruction losses only) is the
     baseline reported beside it. Each run folder resumes on its own (`--resume` semantics of distill).
     """
-    from compress.reference import assemble_kit
     from distill.config import RecipeConfig
-    from distill.recipe import CHECKPOINT_DIR, MODEL_DIR, run_recipe
+    from distill.recipe import MODEL_DIR, run_recipe
+    from distill.reference import assemble_kit
+    from distill.training import list_checkpoints
 
     kit = assemble_kit(args.out)
     for preset, folder in (("reference-tsd", "student"), ("reference-rec", "student-rec")):
@@ -43,7 +44,7 @@ def stage_student(args: argparse.Namespace) -> None:
             continue
         overrides = {"model.prior": str(kit), "train.steps": args.student_steps}
         cfg = RecipeConfig.from_yaml(preset, overrides)
-        run_recipe(cfg, run, resume=(run / CHECKPOINT_DIR).is_dir(), progress=not args.no_progress)
+        run_recipe(cfg, run, resume=bool(list_checkpoints(run)), progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,8 +121,11 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         fail("--restart and --extend exclude each other")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a folder")
-    if args.stage in ("prior", "decoder") and not (out / "base" / "vae" / "config.json").is_file():
-        fail(f"--stage prior needs the stage-1 VAE at {out / 'base' / 'vae'}; run --stage vae first (same --out)")
+    from compress.models.release import prior_paths
+
+    vae_dir = prior_paths(out).vae
+    if args.stage in ("prior", "decoder") and not (vae_dir / "config.json").is_file():
+        fail(f"--stage {args.stage} needs the stage-1 VAE at {vae_dir}; run --stage vae first (same --out)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from compress.reference import DecoderConfig, PriorConfig, VAEConfig, finetune_decoder, train_prior, train_vae
+    from distill.reference import (
+        DecoderConfig,
+        PriorConfig,
+        VAEConfig,
+        finetune_decoder,
+        train_prior,
+        train_vae,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

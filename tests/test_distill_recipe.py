@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -15,27 +16,28 @@ import torch
 from distill.config import ConfigError, RecipeConfig, list_presets
 from tests.conftest import REPO, run_cli
 
-FAST = ["--set", "train.batch_size=1", "--set", "train.hr_size=64", "--set", "train.checkpoint_every=2",
-        "--set", "loss.perceptual_net=stlpips"]
+FAST_SETTINGS = {"train.batch_size": "1", "train.hr_size": "64", "train.checkpoint_every": "2",
+                 "loss.perceptual_net": "stlpips"}
+FAST = [arg for key, value in FAST_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
 
 
 @pytest.fixture(scope="module")
 def tiny_prior(tmp_path_factory) -> Path:
-    """A prior folder in the layout scripts/train_reference.py writes, with random tiny weights."""
+    """A prior folder in the layout scripts/train_reference.py writes (TSD-SR release layout), random tiny weights."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from compress.models.presets import build_random_components, get_preset
+    from compress.models.release import prior_paths
+    from distill.reference.kit import save_embeddings
 
     root = tmp_path_factory.mktemp("prior")
+    layout = prior_paths(root)
     transformer, vae, prompt, pooled = build_random_components(get_preset("tiny"), seed=5)
-    transformer.save_pretrained(root / "base" / "transformer")
-    vae.save_pretrained(root / "base" / "vae")
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(root / "base" / "scheduler")
-    (root / "embeddings").mkdir()
-    torch.save(prompt, root / "embeddings" / "prompt_embeds.pt")
-    torch.save(pooled, root / "embeddings" / "pool_embeds.pt")
-    torch.save(torch.zeros_like(prompt), root / "embeddings" / "null_prompt_embeds.pt")
-    torch.save(torch.zeros_like(pooled), root / "embeddings" / "null_pool_embeds.pt")
+    transformer.save_pretrained(layout.transformer)
+    vae.save_pretrained(layout.vae)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(layout.scheduler)
+    save_embeddings(root, {"prompt_embeds": prompt, "pool_embeds": pooled,
+                           "null_prompt_embeds": torch.zeros_like(prompt), "null_pool_embeds": torch.zeros_like(pooled)})
     return root
 
 
@@ -83,7 +85,7 @@ def test_tsd_cli_writes_a_complete_run_folder_and_resumes(tiny_prior, tmp_path):
     assert {"tsd", "fake_score", "perceptual", "latent_mse"} <= set(metrics["final_losses_mean_last_20"])
     rows = _log(straight)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
-    assert all(float(r["tsd"]) == float(r["tsd"]) for r in rows)  # finite, present
+    assert all(math.isfinite(float(r["tsd"])) for r in rows)
 
     # The release loader reads what the recipe wrote; the student is a working 4x upscaler.
     from compress.models.resolve import load_model
@@ -108,21 +110,107 @@ def test_tsd_cli_writes_a_complete_run_folder_and_resumes(tiny_prior, tmp_path):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-5, abs=1e-7), (ra["step"], key)
 
 
-def test_kd_tadsr_and_adversarial_terms_train(tiny_prior, tiny_release, tmp_path):
-    """TinySR stage 2 (+ feature KD) and TAD-SR on a tiny student distilled from a tiny teacher."""
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "preset, extra, expected",
+    [
+        ("redistill-stage2", {"loss.kd_feature": "0.5"}, {"kd_latent_l1", "perceptual", "adversarial", "kd_feature"}),
+        ("tadsr", {}, {"kd_latent_mse", "hf_score", "adversarial"}),
+    ],
+)
+def test_adversarial_recipes_update_student_and_discriminator_as_intended(
+    preset, extra, expected, tiny_prior, tiny_release, tmp_path
+):
+    """TinySR stage 2 (+ feature KD) and TAD-SR: in each step the student's trainable weights and the
+    discriminator's trainable weights move, frozen weights of both do not, and the generator's loss, backward
+    and optimiser step leave the discriminator untouched (no gradient on it, same weights when D's own step
+    starts)."""
+    from distill.recipe import DistillRecipe
+
     teacher_root, _ = tiny_release
-    for preset, extra in (("redistill-stage2", ["--set", "loss.kd_feature=0.5"]), ("tadsr", [])):
-        out = tmp_path / preset
-        result = run_cli(
-            "distill", "train", "--preset", preset, "--prior", str(tiny_prior), "--student", str(teacher_root),
-            "--teacher", str(teacher_root), "--steps", "2", "--out", str(out), *FAST, *extra,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        losses = json.loads((out / "metrics.json").read_text())["final_losses_mean_last_20"]
-        expected = {"kd_latent_l1", "adversarial", "discriminator", "kd_feature"} if preset == "redistill-stage2" \
-            else {"kd_latent_mse", "hf_score", "adversarial", "discriminator"}
-        assert expected <= set(losses), (preset, losses)
-        assert (out / "model" / "student_config.json").is_file()
+    overrides = {"model.prior": str(tiny_prior), "model.student_init": str(teacher_root),
+                 "model.kd_teacher": str(teacher_root), "train.steps": "2", **FAST_SETTINGS, **extra}
+    recipe = DistillRecipe(RecipeConfig.from_yaml(preset, overrides), tmp_path / preset, progress=False).load().setup()
+    student, discriminator = recipe.student, recipe.discriminator
+    d_trainable = {name for name, p in discriminator.named_parameters()
+                   if any(p is q for q in recipe.d_trainable)}
+    assert d_trainable and d_trainable == {n for n, p in discriminator.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("heads.", "time_mlp.")) for n in d_trainable)  # the copied teacher blocks stay frozen
+    s_trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert s_trainable and not any(n.startswith("vae.") for n in s_trainable)
+
+    records: list[dict] = []
+    train_step, g_step, d_step = recipe.train_step, recipe.optimizer.step, recipe.d_optimizer.step
+
+    def recorded_train_step(step):
+        records.append({"d": _snapshot(discriminator), "s": _snapshot(student)})
+        logs = train_step(step)
+        records[-1].update(d_after=_snapshot(discriminator), s_after=_snapshot(student), logs=logs)
+        return logs
+
+    def recorded_generator_step(*args, **kwargs):
+        named = dict(discriminator.named_parameters())
+        records[-1]["d_grads_at_g_step"] = {n: named[n].grad for n in d_trainable}
+        records[-1]["s_moved"] = {n for n, p in student.named_parameters()
+                                  if p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        return g_step(*args, **kwargs)
+
+    def recorded_discriminator_step(*args, **kwargs):
+        records[-1]["d_at_d_step"] = _snapshot(discriminator)
+        named = dict(discriminator.named_parameters())
+        records[-1]["d_moved"] = {n for n in d_trainable
+                                  if named[n].grad is not None and bool(named[n].grad.abs().sum() > 0)}
+        return d_step(*args, **kwargs)
+
+    recipe.train_step = recorded_train_step
+    recipe.optimizer.step = recorded_generator_step
+    recipe.d_optimizer.step = recorded_discriminator_step
+    recipe.run().save()
+
+    assert len(records) == 2
+    for step, record in enumerate(records):
+        assert expected | {"discriminator", "total"} <= set(record["logs"]), (step, record["logs"])
+        assert all(math.isfinite(v) for v in record["logs"].values()), (step, record["logs"])
+        # The generator part: no gradient reached D's trainable weights, and D is bit-identical when its step starts.
+        assert all(g is None for g in record["d_grads_at_g_step"].values()), step
+        assert all(torch.equal(record["d"][k], record["d_at_d_step"][k]) for k in record["d"]), step
+        # D's step moves every trainable weight that got a gradient; the copied teacher blocks never move.
+        assert record["d_moved"], step
+        for name, before in record["d"].items():
+            changed = not torch.equal(before, record["d_after"][name])
+            if name in record["d_moved"]:
+                assert changed, (step, name)
+            elif name not in d_trainable:
+                assert not changed, (step, name)
+        # The student: weights with a gradient move, frozen ones (VAE, anything not trainable) do not.
+        assert record["s_moved"] and record["s_moved"] <= s_trainable, step
+        for name, before in record["s"].items():
+            changed = not torch.equal(before, record["s_after"][name])
+            if name in record["s_moved"]:
+                assert changed, (step, name)
+            elif name not in s_trainable:
+                assert not changed, (step, name)
+    losses = json.loads((tmp_path / preset / "metrics.json").read_text())["final_losses_mean_last_20"]
+    assert expected | {"discriminator"} <= set(losses), losses
+    assert (tmp_path / preset / "model" / "student_config.json").is_file()
+
+
+def test_prior_folder_must_use_the_release_layout(tiny_prior, tmp_path):
+    """load_prior reads base/ + dataset/{default,null}/ only; an old embeddings/ folder is one clear error."""
+    from compress.models.errors import ModelLoadError
+    from distill.recipe import load_prior
+
+    prior = load_prior(tiny_prior)
+    assert prior.cond.prompt_embeds.shape == (1, 12, 32) and prior.uncond.pooled.shape == (1, 24)
+    assert torch.count_nonzero(prior.uncond.prompt_embeds) == 0 and torch.count_nonzero(prior.cond.pooled) > 0
+    old = tmp_path / "old"
+    shutil.copytree(tiny_prior / "base", old / "base")
+    shutil.copytree(tiny_prior / "dataset" / "default", old / "embeddings")
+    with pytest.raises(ModelLoadError, match=r"dataset/null/prompt_embeds\.pt"):
+        load_prior(old)
 
 
 def test_missing_prior_is_one_clear_error(tmp_path):
@@ -142,7 +230,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_prior, tmp_path):
            "--dynamo_backend", "no", "-m", "distill", "train", "--preset", "reference-tsd",
            "--prior", str(tiny_prior), "--steps", "2", "--out", str(out), *FAST]
     env = dict(__import__("os").environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 2

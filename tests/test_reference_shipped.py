@@ -90,7 +90,7 @@ def test_shipped_vae_leaves_room_above_bicubic():
     with lora_disabled(student):
         means, per_image = vae_reference_rows(student, "bicubic", 256, "wavelet")
     assert len(per_image) == 7
-    from compress.reference import bicubic_psnr, validation_images
+    from compress.data import bicubic_psnr, validation_images
 
     bicubic = bicubic_psnr(validation_images(256), degradation="bicubic")
     assert means["vae_hr_reconstruction"]["psnr"] > bicubic + 0.3, (means, bicubic)

@@ -1,7 +1,12 @@
 """Offline data: real photos from installed packages, Real-ESRGAN degradations, (LR, HR) pairs."""
 
 from .degradations import DegradationConfig, degrade_bicubic, degrade_realesrgan
-from .pairs import SRPairDataset, fixed_validation_pairs
+from .pairs import (
+    SRPairDataset,
+    bicubic_psnr,
+    fixed_validation_pairs,
+    validation_images,
+)
 from .photos import (
     TRAIN_PHOTO_NAMES,
     VAL_PHOTO_NAMES,
@@ -18,6 +23,7 @@ __all__ = [
     "DegradationConfig",
     "Photo",
     "SRPairDataset",
+    "bicubic_psnr",
     "degrade_bicubic",
     "degrade_realesrgan",
     "fixed_validation_pairs",
@@ -25,4 +31,5 @@ __all__ = [
     "list_photos",
     "provenance_markdown",
     "provenance_table",
+    "validation_images",
 ]

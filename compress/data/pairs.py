@@ -160,3 +160,34 @@ def fixed_validation_pairs(
         lr = _degrade(hr, degradation, rng, config, scale)
         pairs.append((photo.name, _to_chw_tensor(lr), _to_chw_tensor(hr)))
     return pairs
+
+
+def validation_images(size: int = 256) -> list[tuple[str, torch.Tensor]]:
+    """The validation photos as centred ``size`` crops, ``[(name, 1 x 3 x size x size in [0, 1]), ...]``.
+
+    The HR side of :func:`fixed_validation_pairs` (any degradation: the HR crop does not depend on it), with a
+    batch axis, as reconstruction and upscaling evaluations feed them to a model one at a time.
+    """
+    return [(name, hr[None]) for name, _, hr in fixed_validation_pairs("bicubic", hr_size=size)]
+
+
+def bicubic_psnr(
+    images: Sequence[tuple[str, torch.Tensor]], scale: int = 4, degradation: str = "bicubic"
+) -> float:
+    """Mean Y-PSNR (dB) of bicubic x``scale`` upsampling of the validation LR: the bar a student must beat.
+
+    ``images`` are :func:`validation_images` (their side picks the crop size); the LR inputs are those of
+    :func:`fixed_validation_pairs` with ``degradation``, as the evaluation uses them.
+    """
+    import torch.nn.functional as F
+
+    from compress.quality.fidelity import psnr_y
+
+    if not images:
+        raise ValueError("bicubic_psnr needs at least one validation image (see validation_images)")
+    size = images[0][1].shape[-1]
+    scores = []
+    for _, lr, hr in fixed_validation_pairs(degradation, hr_size=size, scale=scale):
+        up = F.interpolate(lr[None], scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+        scores.append(float(psnr_y(up, hr[None])[0]))
+    return float(np.mean(scores))

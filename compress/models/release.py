@@ -1,14 +1,20 @@
 """TSD-SR release files: read (the loader a real TSD-SR download goes through) and write (tests, our kit).
 
-Layout of the official release (brief section 5.1), relative to a release root:
+Layout of the official release (TSD-SR README, github.com/Microtreei/TSD-SR; the release's Google Drive
+folder), relative to a release root:
 
     checkpoint/tsdsr/transformer.safetensors    transformer LoRA, r64, keys "transformer.<path>.lora_A.weight"
     checkpoint/tsdsr/vae.safetensors            VAE-encoder LoRA, r64, keys also "transformer."-prefixed
     dataset/default/prompt_embeds.pt            torch.save tensor (1, 333, 4096)
     dataset/default/pool_embeds.pt              torch.save tensor (1, 2048)
+    dataset/null/{prompt_embeds,pool_embeds}.pt the null (unconditional) embeddings, needed for training only
 
 plus the SD3 base model in diffusers layout (transformer/, vae/, scheduler/), downloaded separately
 (stabilityai/stable-diffusion-3-medium-diffusers). Our reference kit ships the base inside the root as `base/`.
+
+A *prior folder* (what distillation trains from: the teacher score model, its VAE and the default and null
+prompt embeddings) is this layout with the base inside the root; :func:`prior_paths` names its files, and both
+the reference-kit stages (``distill/reference/kit.py``) and ``distill.recipe.load_prior`` go through it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ TRANSFORMER_LORA = "transformer.safetensors"
 VAE_LORA = "vae.safetensors"
 PROMPT_EMBEDS = "prompt_embeds.pt"
 POOLED_EMBEDS = "pool_embeds.pt"
+NULL_EMBEDDING_SUBDIR = Path("dataset/null")  # TSD-SR's null-prompt embeddings (CFG's unconditional branch)
+PRIOR_BASE_SUBDIR = Path("base")  # where a prior folder keeps its diffusers base (transformer/, vae/, scheduler/)
+BASE_PARTS = ("transformer", "vae", "scheduler")
 # Where a base model is looked for inside a release root, in order.
 BASE_CANDIDATES = ("base", "stable-diffusion-3-medium-diffusers")
 
@@ -54,6 +63,44 @@ class ReleasePaths:
             "prompt embedding": self.embedding_dir / PROMPT_EMBEDS,
             "pooled prompt embedding": self.embedding_dir / POOLED_EMBEDS,
         }
+
+
+@dataclass(frozen=True)
+class PriorPaths:
+    """The files of a prior folder: ``base/{transformer,vae,scheduler}`` and the four embedding files."""
+
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / PRIOR_BASE_SUBDIR
+
+    @property
+    def transformer(self) -> Path:
+        return self.base / "transformer"
+
+    @property
+    def vae(self) -> Path:
+        return self.base / "vae"
+
+    @property
+    def scheduler(self) -> Path:
+        return self.base / "scheduler"
+
+    @property
+    def embeddings(self) -> dict[str, Path]:
+        """``{"prompt_embeds", "pool_embeds", "null_prompt_embeds", "null_pool_embeds"} -> file``."""
+        return {
+            "prompt_embeds": self.root / EMBEDDING_SUBDIR / PROMPT_EMBEDS,
+            "pool_embeds": self.root / EMBEDDING_SUBDIR / POOLED_EMBEDS,
+            "null_prompt_embeds": self.root / NULL_EMBEDDING_SUBDIR / PROMPT_EMBEDS,
+            "null_pool_embeds": self.root / NULL_EMBEDDING_SUBDIR / POOLED_EMBEDS,
+        }
+
+
+def prior_paths(root: Path | str) -> PriorPaths:
+    """The file layout of the prior folder at ``root`` (the TSD-SR release layout with ``base/`` inside)."""
+    return PriorPaths(Path(root))
 
 
 def is_release_root(path: Path) -> bool:
@@ -194,8 +241,8 @@ def write_tsdsr_release(
         root / EMBEDDING_SUBDIR / POOLED_EMBEDS: pooled_prompt_embeds,
     }
     if null_prompt_embeds is not None and null_pooled_prompt_embeds is not None:
-        embeddings[root / "dataset/null" / PROMPT_EMBEDS] = null_prompt_embeds
-        embeddings[root / "dataset/null" / POOLED_EMBEDS] = null_pooled_prompt_embeds
+        embeddings[root / NULL_EMBEDDING_SUBDIR / PROMPT_EMBEDS] = null_prompt_embeds
+        embeddings[root / NULL_EMBEDDING_SUBDIR / POOLED_EMBEDS] = null_pooled_prompt_embeds
     for path, tensor in embeddings.items():
         with atomic_path(path) as tmp:
             torch.save(tensor.detach().to("cpu", dtype).contiguous(), str(tmp))
