@@ -105,6 +105,7 @@ def test_tsd_cli_writes_a_complete_run_folder_and_resumes(tiny_prior, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = _log(straight), _log(split)
     assert [r["step"] for r in b] == ["1", "2", "3", "4"]
+    assert [float(r["lr"]) for r in a] == pytest.approx([2e-4 * (s + 1) / 50 for s in range(1, 5)])
     for ra, rb in zip(a, b):
         for key in ("total", "tsd", "fake_score", "perceptual", "latent_mse"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-5, abs=1e-7), (ra["step"], key)
@@ -234,4 +235,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_prior, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 2
+    # One LR-schedule step per training step on every process (reference-tsd: lr 2e-4, 50 warm-up steps), not
+    # one per process as Accelerate's default would step it.
+    assert [float(r["lr"]) for r in _log(out)] == pytest.approx([2e-4 * 2 / 50, 2e-4 * 3 / 50])
     assert (out / "model/checkpoint/tsdsr/transformer.safetensors").is_file()

@@ -312,6 +312,8 @@ def test_interrupted_log_is_truncated_to_the_checkpoint(trained, tmp_path):
     straight, _, _ = trained
     split = tmp_path / "split"
     _run_until(split, "vae", stop_after=2)
+    with pytest.raises(ValueError, match="--vae-batch 2"):  # an unfinished run continues with its own settings
+        train_vae(split, _vae_config(batch_size=3))
     with (split / "vae" / "log.csv").open("a") as handle:  # step 3 ran and was logged, then the process died
         handle.write("3,9.0,9.0,9.0,9.0,9.0,9.0,9.0,0.1,1.0\n4,9.0")  # the last row cut short
     train_vae(split, _vae_config())
