@@ -1,7 +1,8 @@
 """Command-line flags built from the dataclasses that define the settings (one definition of every default).
 
 A field becomes `--field-name` (or `metadata["flag"]`), typed from its annotation, with `metadata["help"]`,
-`metadata["choices"]` and `metadata["parse"]` (a function from the flag's text to the value) when given.
+`metadata["choices"]`, `metadata["parse"]` (a function from the flag's text to the value), `metadata["action"]`
+("append" for a list) and `metadata["metavar"]` when given; a field without a default is a required flag.
 Nested dataclass fields are flattened. `dataclass_from_namespace` rebuilds the dataclass, so its
 `__post_init__` checks run and name the flag to fix. Nothing here imports torch.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
+from pathlib import Path
 from typing import Any
 
 
@@ -25,11 +28,11 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def _scalar_type(annotation: Any) -> Any:
-    """int | None -> int; float -> float; anything else (str, Literal) -> str."""
+    """int | None -> int; float -> float; Path -> Path; list[str] -> str; anything else -> str."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list) and args:
         annotation = args[0]
-    return annotation if annotation in (int, float) else str
+    return annotation if annotation in (int, float, Path) else str
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -49,11 +52,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             parser.add_argument(_flag(field), dest=field.name, action="store_true", help=help_text)
             continue
         kind = field.metadata.get("parse", _scalar_type(hints[field.name]))
+        extra = {key: field.metadata[key] for key in ("action", "metavar") if key in field.metadata}
+        if default is dataclasses.MISSING:  # a field without a default is a required flag
+            parser.add_argument(_flag(field), dest=field.name, type=kind, required=True,
+                                choices=field.metadata.get("choices"), help=help_text, **extra)
+            continue
         shown = ",".join(default) if isinstance(default, tuple) else default
+        if extra.get("action") == "append" or default in (None, []):
+            suffix = ""
+        else:
+            suffix = f" (default: {shown})"
         parser.add_argument(
             _flag(field), dest=field.name, type=kind, default=default,
-            choices=field.metadata.get("choices"),
-            help=f"{help_text} (default: {shown})" if help_text else f"default: {shown}",
+            choices=field.metadata.get("choices"), help=f"{help_text}{suffix}", **extra,
         )
 
 

@@ -1,5 +1,7 @@
-"""Re-distillation of (compressed) one-step students: TSD loss, knowledge distillation, TAD-SR.
+"""Training: re-distillation of (compressed) one-step students and the built-in reference kit.
 
-Imports shared model, data and quality code from `compress`, never the reverse. The training recipes are
-tracked in the issue list (distill issue); nothing here runs yet.
+`distill.recipe` runs TSD-SR's TSD loss, TinySR's knowledge-distillation stages and TAD-SR's alternative on
+Accelerate (`python -m distill train`); `distill.training` holds the helpers every loop shares (checkpoints,
+RNG state, LR schedule, CSV log); `distill.reference` trains the miniature kit the built-in student comes from.
+Imports `compress`, never the reverse (docs/layout.md).
 """

@@ -25,22 +25,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.config import ConfigError, RecipeConfig, list_presets, resolve_preset
-from distill.training import CHECKPOINT_DIR
+
+CHECKPOINT_DIR = "checkpoints"  # distill.training.CHECKPOINT_DIR (that module imports torch; this one must not)
 
 
 @dataclass
 class TrainArgs:
-    """Arguments of `python -m distill train`, checked before anything heavy is loaded."""
+    """Arguments of `python -m distill train` (each is a flag), checked before anything heavy is loaded."""
 
-    preset: str
-    out: Path
-    prior: str | None = None
-    student: str | None = None
-    teacher: str | None = None
-    steps: int | None = None
-    max_steps: int | None = None
-    resume: bool = False
-    overrides: list[str] = field(default_factory=list)
+    preset: str = field(metadata={"help": "preset name (see `python -m distill presets`) or a YAML file"})
+    out: Path = field(metadata={"help": "run folder (config.yaml, log.csv, checkpoints/, model/, metrics.json)"})
+    prior: str | None = field(default=None, metadata={
+        "help": "prior folder (base/ + dataset/{default,null}/, TSD-SR release layout) from "
+                "scripts/train_reference.py, a release root, or 'builtin'"})
+    student: str | None = field(default=None, metadata={
+        "help": "student to re-distil: model folder, release root, preset:NAME, or 'builtin'"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "KD teacher student (default of the preset; 'builtin' = the shipped reference student)"})
+    steps: int | None = field(default=None, metadata={"help": "total steps of the schedule (overrides train.steps)"})
+    max_steps: int | None = field(default=None, metadata={
+        "help": "stop after this many steps (continue later with --resume)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    overrides: list[str] = field(default_factory=list, metadata={
+        "flag": "--set", "action": "append", "metavar": "KEY=VALUE",
+        "help": "override a preset key, e.g. --set loss.tsd=0.5 (repeatable)"})
 
     def __post_init__(self):
         if self.steps is not None and self.steps < 1:
@@ -51,8 +59,8 @@ class TrainArgs:
             if "=" not in item or item.startswith("="):
                 raise ConfigError(f"--set expects section.key=value, got {item!r}")
         resolve_preset(self.preset)
-        if self.resume and not (self.out / CHECKPOINT_DIR).is_dir():
-            raise ConfigError(f"--resume: {self.out / CHECKPOINT_DIR} does not exist; start without --resume")
+        if self.resume and not (Path(self.out) / CHECKPOINT_DIR).is_dir():
+            raise ConfigError(f"--resume: {Path(self.out) / CHECKPOINT_DIR} does not exist; start without --resume")
 
     def config(self) -> RecipeConfig:
         overrides = dict(item.split("=", 1) for item in self.overrides)
@@ -83,30 +91,20 @@ def presets() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from compress.cli import add_dataclass_arguments, dataclass_from_namespace
+
     parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run a distillation recipe", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", required=True, help=f"preset name ({', '.join(list_presets())}) or a YAML file")
-    p.add_argument("--out", required=True, type=Path, help="run folder (config, log.csv, checkpoints, model, metrics)")
-    p.add_argument("--prior", help="prior folder (base/ + dataset/{default,null}/, TSD-SR release layout) from "
-                   "scripts/train_reference.py, a release root, or 'builtin'")
-    p.add_argument("--student", help="student to re-distil: model folder, release root, preset:NAME, or 'builtin'")
-    p.add_argument("--teacher", help="KD teacher student (default of the preset; 'builtin' = shipped reference)")
-    p.add_argument("--steps", type=int, help="total steps of the schedule (overrides train.steps)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (resume later with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset key, e.g. --set loss.tsd=0.5")
+    add_dataclass_arguments(p, TrainArgs)
     sub.add_parser("presets", help="list presets")
     ns = parser.parse_args(argv)
     try:
         if ns.command == "presets":
             return presets()
-        args = TrainArgs(preset=ns.preset, out=ns.out, prior=ns.prior, student=ns.student, teacher=ns.teacher,
-                         steps=ns.steps, max_steps=ns.max_steps, resume=ns.resume, overrides=ns.overrides)
-        return train(args)
+        return train(dataclass_from_namespace(TrainArgs, ns))
     except (ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,19 +7,79 @@ check names the offending key as `section.key` so a bad preset or flag is fixed 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from distill.losses import TSDConfig
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+LAST_INDEX = 999  # the cleanest schedule entry; DASM endpoints are clamped to it (``min(..., 999)`` in train.py)
+FAKE_SCORE_WEIGHTINGS = ("logit_normal", "sigma_sqrt", "none")
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class TSDConfig:
+    """Hyper-parameters of the TSD gradient (defaults: TSD-SR's ``train/train.py`` / ``script/train.sh``).
+
+    ``vsd_weight`` is lambda: the VSD share (0.7); the TSM share is ``1 - vsd_weight``. ``index_low``/``index_high``
+    bound the teacher index like ``randint(50, 950)``. DASM is off by default because the released ``train.sh``
+    (the stage-1 recipe) does not pass ``--use_dasm``; the paper turns it on in later stages (TSD-SR paper,
+    training details of its experiments: stage 1 without DASM, later stages with it).
+    """
+
+    vsd_weight: float = 0.7
+    guidance: float = 7.5
+    index_low: int = 50
+    index_high: int = 950
+    dasm: bool = False
+    dasm_points: int = 4
+    dasm_step: int = 50
+    dasm_weights: tuple[float, ...] = (1.0, 0.3, 0.3, 0.3)
+    dasm_random_bias: int = 25
+
+    def __post_init__(self) -> None:
+        self.dasm_weights = tuple(float(w) for w in self.dasm_weights)
+        if not (math.isfinite(self.vsd_weight) and 0.0 <= self.vsd_weight <= 1.0):
+            raise ValueError(f"vsd_weight must be in [0, 1], got {self.vsd_weight}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0.0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if not 0 <= self.index_low < self.index_high <= LAST_INDEX + 1:
+            raise ValueError(
+                f"index_low/index_high must satisfy 0 <= index_low < index_high <= {LAST_INDEX + 1}, "
+                f"got index_low={self.index_low}, index_high={self.index_high}"
+            )
+        if self.dasm_points < 1:
+            raise ValueError(f"dasm_points must be >= 1, got {self.dasm_points}")
+        if self.dasm_step < 1:
+            raise ValueError(f"dasm_step must be >= 1, got {self.dasm_step}")
+        if len(self.dasm_weights) != self.dasm_points:
+            raise ValueError(
+                f"dasm_weights must have dasm_points={self.dasm_points} entries, got {len(self.dasm_weights)}"
+            )
+        if not all(math.isfinite(w) and w >= 0 for w in self.dasm_weights):
+            raise ValueError(f"dasm_weights must be finite and >= 0, got {self.dasm_weights}")
+        # The endpoint must stay above the start index, or the points would walk towards *higher* noise.
+        if not 0 <= self.dasm_random_bias < self.dasm_step * self.dasm_points:
+            raise ValueError(
+                f"dasm_random_bias must be in [0, dasm_step * dasm_points = {self.dasm_step * self.dasm_points}), "
+                f"got {self.dasm_random_bias}"
+            )
+
+    @property
+    def num_points(self) -> int:
+        """Number of evaluation points whose gradients are summed (1 without DASM)."""
+        return self.dasm_points if self.dasm else 1
+
+    @property
+    def point_weights(self) -> tuple[float, ...]:
+        return self.dasm_weights if self.dasm else (1.0,)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Differentiable perceptual loss for distillation, built offline only.
 
-TSD-SR trains with ``pyiqa.create_metric('lpips', as_loss=True)`` (AlexNet LPIPS, brief 2.5) and TinySR's stage 2
-with LPIPS (brief 3.4). LPIPS needs torchvision's ImageNet AlexNet, which torchvision downloads on first use; this
+TSD-SR trains with ``pyiqa.create_metric('lpips', as_loss=True)`` (AlexNet LPIPS; TSD-SR's ``train/train.py``) and
+TinySR's stage 2 with LPIPS (TinySR, Sec. 3.3). LPIPS needs torchvision's ImageNet AlexNet, which torchvision downloads on first use; this
 module never downloads. ``"lpips"`` uses the ``lpips`` package (its calibrated linear layers ship inside the wheel)
 with the AlexNet trunk read from the torch hub cache (``<torch hub>/checkpoints/alexnet-owt-7be5be79.pth``, the file
 ``compress.quality.perceptual`` also checks for pyiqa's LPIPS); ``"stlpips"`` is the shift-tolerant LPIPS whose full

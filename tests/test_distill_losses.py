@@ -132,7 +132,7 @@ def test_schedule_matches_diffusers_and_pinned_values(schedule):
     assert schedule.timesteps.dtype == torch.float32
     torch.testing.assert_close(schedule.timesteps, reference.timesteps.float())
     torch.testing.assert_close(schedule.sigmas, reference.sigmas[:1000].float())
-    # Brief 2.3: randint(50, 950) on the shift-3 schedule spans sigma in [0.139, 0.983].
+    # TSD-SR train.py: randint(50, 950) on the shift-3 schedule spans sigma in [0.139, 0.983].
     assert schedule.sigma(50).item() == pytest.approx(0.982759, abs=1e-5)
     assert schedule.sigma(949).item() == pytest.approx(0.138838, abs=1e-5)
     assert schedule.sigma(0).item() == pytest.approx(1.0)

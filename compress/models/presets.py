@@ -115,7 +115,7 @@ PRESETS: dict[str, GeometryPreset] = {
         },
         prompt_tokens=12,
     ),
-    # The built-in miniature reference kit (compress.reference trains it on CPU): SD3-medium topology scaled
+    # The built-in miniature reference kit (distill.reference trains it on CPU): SD3-medium topology scaled
     # down. 8 joint blocks (2:4 depth pruning applies), 4 x 32 heads = 128 wide, patch 2; pos_embed_max_size 64
     # so one call takes a 128-latent (1024 px) tile. VAE: 4 levels (8x), 16 latent channels, mid-block
     # attention, no quant convs. The scaling factor is a placeholder: training sets 1 / std(latents).
