@@ -43,6 +43,20 @@ def tiny_release(tmp_path_factory):
     return root, model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _return_memory_after_each_module():
+    """Give the memory a test module's fixtures held back to the OS, so later tests (and --rss-report) start lean."""
+    yield
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: int = 600):
     """Run `python -m MODULE ARGS` in a fresh process, as a user would."""
     import subprocess
@@ -54,40 +68,51 @@ def run_cli(module: str, *args: str, cwd: Path | None = None, timeout: int = 600
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Opt-in memory report: `python -m pytest -q --rss-report` samples, every 0.1 s, the resident memory of the
-# test process and of every process it started (CLI runs in subprocesses included) and prints, per test, the
-# peak of their sum, so "no test above 4 GB" is a measurement (Linux /proc only).
+# Opt-in memory report: `python -m pytest -q --rss-report` samples, every 0.1 s, the memory of the test process
+# and of every process it started (CLI runs in subprocesses included) and prints, per test, the peak of their
+# summed PSS (proportional set size: shared library pages such as libtorch's are split between the processes
+# that map them, so the sum is the memory the test really occupies) and the largest single-process RSS, so
+# "no test above 4 GB" is a measurement (Linux /proc only).
 # ---------------------------------------------------------------------------------------------------------
 def pytest_addoption(parser):
-    parser.addoption("--rss-report", action="store_true", help="report each test's peak RSS (process tree)")
+    parser.addoption("--rss-report", action="store_true", help="report each test's peak memory (process tree)")
 
 
-def _tree_rss_bytes(root: int) -> int:
+def _proc_kb(path: str, key: str) -> int:
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _tree(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root]
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        found.append(pid)
         stack.extend(children.get(pid, []))
-    return total
+    return found
 
 
-class _RssSampler:
+class _MemorySampler:
     def __init__(self):
         import threading
 
-        self.peaks: dict[str, int] = {}
+        self.peaks: dict[str, tuple[int, int]] = {}  # test -> (tree PSS kB, largest process RSS kB)
         self.current: str | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -96,20 +121,23 @@ class _RssSampler:
     def _run(self):
         while not self.stop.wait(0.1):
             test = self.current
-            if test is not None:
-                value = _tree_rss_bytes(os.getpid())
-                if value > self.peaks.get(test, 0):
-                    self.peaks[test] = value
+            if test is None:
+                continue
+            pids = _tree(os.getpid())
+            pss = sum(_proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids)
+            rss = max(_proc_kb(f"/proc/{pid}/status", "VmRSS:") for pid in pids)
+            old = self.peaks.get(test, (0, 0))
+            self.peaks[test] = (max(old[0], pss), max(old[1], rss))
 
 
 def pytest_configure(config):
     if config.getoption("--rss-report", default=False) and os.path.isdir("/proc"):
-        config._rss_sampler = _RssSampler()
+        config._memory_sampler = _MemorySampler()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    sampler = getattr(item.config, "_rss_sampler", None)
+    sampler = getattr(item.config, "_memory_sampler", None)
     if sampler is not None:
         sampler.current = item.nodeid
     yield
@@ -118,11 +146,12 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    sampler = getattr(config, "_rss_sampler", None)
+    sampler = getattr(config, "_memory_sampler", None)
     if sampler is None:
         return
     sampler.stop.set()
-    ranked = sorted(sampler.peaks.items(), key=lambda kv: -kv[1])
-    terminalreporter.write_sep("=", "peak RSS per test (test process + its subprocesses), highest 15")
-    for nodeid, value in ranked[:15]:
-        terminalreporter.write_line(f"{value / 2**30:6.2f} GB  {nodeid}")
+    ranked = sorted(sampler.peaks.items(), key=lambda kv: -kv[1][0])
+    terminalreporter.write_sep("=", "peak memory per test (test process + subprocesses), highest 15")
+    terminalreporter.write_line("tree PSS   largest process RSS   test")
+    for nodeid, (pss, rss) in ranked[:15]:
+        terminalreporter.write_line(f"{pss / 2**20:6.2f} GB  {rss / 2**20:6.2f} GB            {nodeid}")
