@@ -449,7 +449,8 @@ def _quantize(t: torch.Tensor, bit_depth: int) -> np.ndarray:
     """CxHxW float in [0,1] -> HxWxC uint8/uint16 with round-to-nearest."""
     max_value = 65535.0 if bit_depth == 16 else 255.0
     dtype = np.uint16 if bit_depth == 16 else np.uint8
-    q = t.detach().to("cpu", torch.float32).clamp(0.0, 1.0).mul(max_value).round_()
+    q = t.detach().to("cpu", torch.float32).clamp(0.0, 1.0)  # the one full-size float copy
+    q.mul_(max_value).round_()
     return q.permute(1, 2, 0).numpy().astype(dtype)
 
 
@@ -602,7 +603,7 @@ def save_image(
                 f"{tuple(color.shape[-2:])}; upscale it with upscale_alpha() first."
             )
         planes.append(a.to(color.device))
-    arr = _quantize(torch.cat(planes, dim=0), bit_depth)
+    arr = _quantize(torch.cat(planes, dim=0) if len(planes) > 1 else planes[0], bit_depth)
     _atomic_write(path, _encode(arr, fmt, bit_depth))
     return path
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
+from compress.memory import return_free_memory
 from compress.models.student import OneStepSR
 from compress.options import DEFAULT_COLOR_FIX, TileSettings
 
@@ -127,9 +128,11 @@ def upscale_tensor(
             velocity = tiled_velocity(model, latent_lr, latent_tile, tiles.latent_overlap, step)
     latent = latent_lr.sub_(velocity)
     del velocity
+    return_free_memory()
     with _stage_bar("VAE decoder", vae_tiles, progress) as step:
         decoded = model.decode(latent, tiling=vae_tiling, progress=step)
     del latent
     sr = model.postprocess(decoded, lr_size).float().clamp_(0.0, 1.0)
     del decoded
+    return_free_memory()
     return apply_color_fix(color_fix, sr, lr)

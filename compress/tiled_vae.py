@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.memory import return_free_memory
 from compress.options import VAETiling
 
 __all__ = ["TileBox", "VAETiling", "plan_tiles", "sample_windows", "tile_count", "tiled_decode", "tiled_encode"]
@@ -316,6 +317,7 @@ def _tiled(run, x: torch.Tensor, tiling: VAETiling, factor: float, out_scale: fl
     core, pad = round(tiling.tile * factor), round(tiling.pad * factor)
     boxes = plan_tiles(height, width, core, pad, align)
     measured, whole = _measure(run, x, tiling, factor, align)
+    return_free_memory()
     if whole is not None:  # the whole input fitted the budget: that pass was the untiled one
         if progress is not None:
             progress(len(boxes))
@@ -332,6 +334,7 @@ def _tiled(run, x: torch.Tensor, tiling: VAETiling, factor: float, out_scale: fl
         kept = out[..., rows, cols]
         canvas[..., top : top + kept.shape[-2], left : left + kept.shape[-1]] = kept
         del out, kept
+        return_free_memory()
         if progress is not None:
             progress(1)
     return canvas

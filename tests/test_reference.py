@@ -401,11 +401,11 @@ def test_training_helpers_round_trip(tmp_path):
     ],
 )
 def test_cli_rejects_bad_arguments(tmp_path, args, flag):
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import train_reference
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_reference", REPO / "scripts" / "train_reference.py")
+    train_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_reference)
     with pytest.raises(SystemExit) as info:
         train_reference.main(["--out", str(tmp_path / "o"), *args])
     assert info.value.code == 2
