@@ -215,3 +215,33 @@ def test_sd3_medium_geometry_matches_the_published_sizes():
     hits = [name for name, _ in transformer.named_modules() if name and check_target_module_exists(config, name)]
     assert len(hits) == 24 * 11 - 1 + 3, len(hits)
     assert {"pos_embed.proj", "norm_out.linear", "proj_out"} <= set(hits)
+
+
+def test_a_registered_component_class_round_trips_and_an_unknown_one_is_refused(tmp_path):
+    """A VAE of another class (as a slimmed VAE will be) saves and loads through the registry."""
+    from diffusers import AutoencoderKL
+
+    from compress.models.presets import build_random_components, get_preset
+    from compress.models.student import register_component_class
+
+    class MarkedVAE(AutoencoderKL):  # same weights layout, its own class
+        pass
+
+    transformer, vae, prompt, pooled = build_random_components(get_preset("tiny"), seed=2)
+    marked = MarkedVAE(**vae.config)
+    marked.load_state_dict(vae.state_dict())
+    model = OneStepSR(transformer, marked.eval(), prompt, pooled)
+    with pytest.raises(ValueError, match="MarkedVAE is not registered"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    register_component_class("vae", MarkedVAE)
+    saved = model.save_pretrained(tmp_path / "student")
+    reloaded = OneStepSR.from_pretrained(saved)
+    assert type(reloaded.vae) is MarkedVAE
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(lr), model(lr))
+    config = saved / "student_config.json"
+    config.write_text(config.read_text().replace('"MarkedVAE"', '"GoneVAE"'))
+    with pytest.raises(ModelLoadError, match="unknown vae class 'GoneVAE'"):
+        OneStepSR.from_pretrained(saved)

@@ -220,6 +220,17 @@ class OneStepSR(nn.Module):
 
         if has_lora(self.transformer) or has_lora(self.vae):
             raise ValueError("merge the LoRA adapters (compress.models.lora.merge_lora) before save_pretrained")
+        for kind, module in (("transformer", self.transformer), ("vae", self.vae)):
+            name = type(module).__name__
+            try:
+                registered = component_class(kind, name)
+            except KeyError:
+                registered = None
+            if registered is not type(module):  # the folder could not be loaded again
+                raise ValueError(
+                    f"{kind} class {type(module).__module__}.{name} is not registered; call "
+                    f"compress.models.student.register_component_class({kind!r}, {name}) before save_pretrained"
+                )
         path = Path(path)
         with atomic_dir(path, overwrite=overwrite) as tmp:
             self.transformer.save_pretrained(tmp / "transformer")
