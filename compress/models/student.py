@@ -45,7 +45,10 @@ class StudentSettings:
 # Component classes a saved student may name in student_config.json, as "module:attribute" (imported on
 # use). Compression code registers the classes it creates (pruned transformers, slimmed VAEs).
 _COMPONENT_CLASSES: dict[str, dict[str, str | type]] = {
-    "transformer": {"SD3Transformer2DModel": "diffusers:SD3Transformer2DModel"},
+    "transformer": {
+        "SD3Transformer2DModel": "diffusers:SD3Transformer2DModel",
+        "CompactSD3Transformer": "compress.models.compact:CompactSD3Transformer",
+    },
     "vae": {"AutoencoderKL": "diffusers:AutoencoderKL"},
 }
 

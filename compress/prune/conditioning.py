@@ -1,0 +1,162 @@
+"""Pre-caching of the constant conditioning (lossless) and text-stream removal (lossy), TinySR Sec. 3.3.
+
+`precache` turns a student's diffusers `SD3Transformer2DModel` into a `CompactSD3Transformer` with the
+time/pooled-text embedding at the student's timestep, every block's adaLN modulation of both streams, the
+final norm's modulation and the context-embedder output computed once, here, from the student's own
+weights and fixed prompt, and stored as buffers. Nothing depends on a first call, a file path or a latent
+size: the patch embedding keeps its position table, so every input size the original accepts still works.
+
+`remove_text_stream` makes every block image-only (self-attention over the image tokens; TinySR's
+single-stream variant). The text tokens stop influencing the image, so the output changes; distillation
+recovers it (compress.prune.cli --recover-steps, or `python -m distill train --preset redistill-stage1`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.models.compact import CompactSD3Transformer, block_dicts
+from compress.models.student import OneStepSR
+
+
+class UnsupportedGeometry(ValueError):
+    """A model whose structure a compression step cannot handle (named in the message)."""
+
+
+def check_precachable(transformer: nn.Module) -> None:
+    """Raise UnsupportedGeometry naming what a diffusers SD3 transformer has that pre-caching cannot fold."""
+    name = type(transformer).__name__
+    if name == "CompactSD3Transformer":
+        return
+    if name != "SD3Transformer2DModel":
+        raise UnsupportedGeometry(f"pre-caching handles SD3Transformer2DModel, got {name}")
+    config = transformer.config
+    if getattr(config, "qk_norm", None):
+        raise UnsupportedGeometry(f"pre-caching handles SD3 without qk_norm (SD3-medium); this one has qk_norm={config.qk_norm!r}")
+    if list(getattr(config, "dual_attention_layers", ()) or ()):
+        raise UnsupportedGeometry("pre-caching handles SD3 without dual-attention (SD3.5) layers")
+    from compress.models.lora import has_lora
+
+    if has_lora(transformer):
+        raise UnsupportedGeometry("merge the transformer's LoRA (compress.models.lora.merge_lora) before pre-caching")
+
+
+@torch.no_grad()
+def precache_transformer(
+    transformer: nn.Module, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor, timestep: float
+) -> CompactSD3Transformer:
+    """SD3Transformer2DModel + its fixed conditioning -> an equivalent CompactSD3Transformer (float32 math)."""
+    check_precachable(transformer)
+    if isinstance(transformer, CompactSD3Transformer):
+        return transformer
+    config = transformer.config
+    dtype = next(transformer.parameters()).dtype
+    device = next(transformer.parameters()).device
+    t = torch.full((1,), float(timestep), device=device, dtype=dtype)
+    temb = transformer.time_text_embed(t, pooled_prompt_embeds.to(device, dtype)[:1])
+    silu = F.silu(temb)
+    context = transformer.context_embedder(prompt_embeds.to(device, dtype)[:1])
+    dim = temb.shape[-1]
+    blocks, buffers = [], {}
+    for i, block in enumerate(transformer.transformer_blocks):
+        heads = block.attn.heads
+        head_dim = block.attn.to_q.out_features // heads
+        layout = "last" if block.context_pre_only else "joint"
+        blocks.append({
+            "heads": heads, "head_dim": head_dim, "mlp_dim": block.ff.net[0].proj.out_features, "context": layout,
+            "context_mlp_dim": block.ff_context.net[0].proj.out_features if layout == "joint" else 0,
+        })
+        buffers[f"transformer_blocks.{i}.modulation"] = block.norm1.linear(silu).view(6, dim)
+        # AdaLayerNormContinuous applies SiLU to its conditioning itself (same input, same result).
+        buffers[f"transformer_blocks.{i}.context_modulation"] = block.norm1_context.linear(silu).view(-1, dim)
+    buffers["norm_out_modulation"] = transformer.norm_out.linear(silu).view(2, dim)
+    buffers["context"] = context
+    compact = CompactSD3Transformer(
+        blocks=blocks, dim=dim, patch_size=config.patch_size, in_channels=config.in_channels,
+        out_channels=config.out_channels, sample_size=config.sample_size,
+        pos_embed_max_size=config.pos_embed_max_size, context_tokens=context.shape[1], timestep=float(timestep),
+    )
+    compact = to_like(compact, transformer)
+    kept = {k: v for k, v in transformer.state_dict().items() if k in compact.state_dict()}
+    state = {**kept, **buffers}
+    load_exact(compact, state)
+    return compact.eval()
+
+
+def to_like(model: nn.Module, reference: nn.Module) -> nn.Module:
+    """`model` moved to `reference`'s device and dtype (no dtype cast when they already agree)."""
+    parameter = next(reference.parameters())
+    model = model.to(parameter.device)
+    return model if next(model.parameters()).dtype == parameter.dtype else model.to(parameter.dtype)
+
+
+def load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict that fails on any missing, unexpected or misshapen tensor (a conversion bug)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"conversion bug: missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
+    model.load_state_dict(state, strict=True)
+
+
+def precache(student: OneStepSR) -> OneStepSR:
+    """The same student with its transformer pre-cached; the prompt embeddings are folded in and dropped."""
+    if isinstance(student.transformer, CompactSD3Transformer):
+        return student
+    if student.prompt_embeds is None or student.pooled_prompt_embeds is None:
+        raise UnsupportedGeometry("pre-caching needs the student's fixed prompt embeddings; this student has none")
+    compact = precache_transformer(student.transformer, student.prompt_embeds, student.pooled_prompt_embeds,
+                                   student.settings.timestep)
+    return replace_transformer(student, compact)
+
+
+def replace_transformer(student: OneStepSR, transformer: nn.Module) -> OneStepSR:
+    """A new OneStepSR sharing the VAE, with `transformer` and, for a compact one, no prompt embeddings."""
+    from dataclasses import replace
+
+    compact = isinstance(transformer, CompactSD3Transformer)
+    settings = replace(student.settings, transformer_class=type(transformer).__name__)
+    return OneStepSR(
+        transformer, student.vae,
+        None if compact else student.prompt_embeds, None if compact else student.pooled_prompt_embeds, settings,
+    ).eval()
+
+
+@torch.no_grad()
+def remove_text_stream(transformer: CompactSD3Transformer) -> CompactSD3Transformer:
+    """Every block image-only: the text projections, text MLPs, text modulation and cached context go."""
+    specs = [dict(spec, context="none", context_mlp_dim=0) for spec in block_dicts(transformer.block_specs)]
+    return rebuild(transformer, specs)
+
+
+@torch.no_grad()
+def rebuild(transformer: CompactSD3Transformer, blocks: list[dict], block_map: list[int] | None = None,
+            overrides: dict[str, torch.Tensor] | None = None) -> CompactSD3Transformer:
+    """A CompactSD3Transformer with `blocks` whose new block j takes its weights from old block block_map[j].
+
+    Every tensor the new structure has is copied by name from the old model (after renumbering), so a
+    tensor a structure drops is simply not copied; `overrides` supplies tensors that change (the
+    last-block rule). Shapes must match: width changes go through compress.prune.heads.
+    """
+    block_map = list(range(len(blocks))) if block_map is None else block_map
+    config = {**transformer.config, "blocks": blocks}
+    new = to_like(CompactSD3Transformer.from_config(config), transformer)
+    old_state = transformer.state_dict()
+    state = {}
+    for key in new.state_dict():
+        source = key
+        if key.startswith("transformer_blocks."):
+            _, index, rest = key.split(".", 2)
+            source = f"transformer_blocks.{block_map[int(index)]}.{rest}"
+        if overrides and key in overrides:
+            state[key] = overrides[key]
+        elif key == "context":  # empty once the text stream is gone
+            state[key] = old_state["context"][:, : new.context.shape[1]]
+        else:
+            state[key] = old_state[source]
+    load_exact(new, state)
+    return new.eval()
