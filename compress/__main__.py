@@ -9,11 +9,12 @@ import sys
 # Nothing in this toolkit may reach a model hub; fail fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SUBCOMMANDS = ("upscale", "eval")
+SUBCOMMANDS = ("upscale", "eval", "prune")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from compress import evaluate, upscale
+    from compress.prune import cli as prune_cli
 
     parser = argparse.ArgumentParser(
         prog="python -m compress",
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     upscale.add_parser(subparsers)
     evaluate.add_parser(subparsers)
+    prune_cli.add_parser(subparsers)
     return parser
 
 

@@ -35,6 +35,19 @@ def _scalar_type(annotation: Any) -> Any:
     return annotation if annotation in (int, float, Path) else str
 
 
+def _reporting(parse):
+    """Wrap a `parse` function so that argparse shows its own message (not "invalid value") on ValueError."""
+
+    def parse_flag(text):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse_flag.__name__ = parse.__name__
+    return parse_flag
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per field of `cls` (recursively for nested dataclasses) to `parser`."""
     hints = typing.get_type_hints(cls)
@@ -51,13 +64,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
                 raise TypeError(f"{cls.__name__}.{field.name}: a flag that defaults to True cannot be switched off")
             parser.add_argument(_flag(field), dest=field.name, action="store_true", help=help_text)
             continue
-        kind = field.metadata.get("parse", _scalar_type(hints[field.name]))
+        kind = field.metadata.get("parse")
+        kind = _reporting(kind) if kind else _scalar_type(hints[field.name])
         extra = {key: field.metadata[key] for key in ("action", "metavar") if key in field.metadata}
         if default is dataclasses.MISSING:  # a field without a default is a required flag
             parser.add_argument(_flag(field), dest=field.name, type=kind, required=True,
                                 choices=field.metadata.get("choices"), help=help_text, **extra)
             continue
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        shown = ",".join(str(item) for item in default) if isinstance(default, tuple) else default
         if extra.get("action") == "append" or default in (None, []):
             suffix = ""
         else:

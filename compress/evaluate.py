@@ -116,8 +116,6 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     from compress.options import TileSettings
     from compress.pipeline import upscale_tensor
     from compress.quality.cost import machine_info
-    from compress.quality.fidelity import psnr_y, ssim_y
-    from compress.quality.perceptual import build_metric
     from compress.quality.report import format_table, write_metrics_json
 
     args = args or EvalArgs()
@@ -127,18 +125,7 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
           f"{args.seed}; {args.device} {args.dtype}", file=sys.stderr)
     pairs = load_pairs(args)
 
-    scorers, skipped = {}, {}
-    for name in args.metrics:
-        if name == "psnr":
-            scorers[name] = ("fr", True, lambda sr, hr: psnr_y(sr, hr))
-        elif name == "ssim":
-            scorers[name] = ("fr", True, lambda sr, hr: ssim_y(sr, hr))
-        else:
-            metric = build_metric(name, args.device)
-            if getattr(metric, "reason", None):
-                skipped[name] = metric.reason
-                continue
-            scorers[name] = (metric.kind, not metric.lower_is_better, metric)
+    scorers, skipped = build_scorers(args.metrics, args.device)
 
     methods = {"student": [], "bicubic": []}
     per_image = []
@@ -203,6 +190,29 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}", file=sys.stderr)
     return payload
+
+
+def build_scorers(names, device="cpu") -> tuple[dict, dict]:
+    """name -> (kind "fr"/"nr", higher_is_better, fn) for each available metric, and name -> reason for the rest.
+
+    PSNR and SSIM are measured on the Y channel, as the SR literature (and TSD-SR's evaluation) reports them.
+    """
+    from compress.quality.fidelity import psnr_y, ssim_y
+    from compress.quality.perceptual import build_metric
+
+    scorers, skipped = {}, {}
+    for name in names:
+        if name == "psnr":
+            scorers[name] = ("fr", True, lambda sr, hr: psnr_y(sr, hr))
+        elif name == "ssim":
+            scorers[name] = ("fr", True, lambda sr, hr: ssim_y(sr, hr))
+        else:
+            metric = build_metric(name, device)
+            if getattr(metric, "reason", None):
+                skipped[name] = metric.reason
+                continue
+            scorers[name] = (metric.kind, not metric.lower_is_better, metric)
+    return scorers, skipped
 
 
 def _finite_mean(values: list[float]) -> float:

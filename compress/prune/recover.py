@@ -1,0 +1,79 @@
+"""Short recovery after pruning: TinySR stage 1 (Sun et al. 2025, Sec. 3.3), latent L1 to the uncompressed student.
+
+L = || z_stu - z_tea ||_1 with z = z_L - v(z_L) the one-step output latent of the pruned student and of the
+uncompressed one on the same LR crops (Real-ESRGAN degradation of the training photos). Only the pruned
+transformer trains (every parameter; the VAE and the teacher are frozen), AdamW with a linear warm-up and a
+cosine decay. This is the quick recovery `python -m compress prune --recover-steps N` runs so that the
+report measures a usable model; the full re-distillation (stage 2 with perceptual and GAN terms, the TSD
+loss, resumable checkpoints, many GPUs) is `python -m distill train --preset redistill-...`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from compress.models.student import OneStepSR
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def recover(
+    student: OneStepSR,
+    teacher: OneStepSR,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    hr_size: int = 128,
+    seed: int = 0,
+    degradation: str = "realesrgan",
+    progress: bool = True,
+) -> list[dict]:
+    """Train `student.transformer` in place for `steps` steps; returns the loss log ({step, loss, lr, seconds})."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from compress.data import SRPairDataset, list_photos
+
+    if steps < 0:
+        raise ValueError(f"--recover-steps must be >= 0, got {steps}")
+    if steps == 0:
+        return []
+    torch.manual_seed(seed)
+    data = SRPairDataset(list_photos("train"), hr_size=hr_size, degradation=degradation, seed=seed,
+                         length=steps * batch_size)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+    transformer = student.transformer.train().requires_grad_(True)
+    student.vae.requires_grad_(False)
+    teacher.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, min(50, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
+    log, start = [], time.perf_counter()
+    bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress or None, mininterval=15)
+    for step, batch in enumerate(loader):
+        with torch.no_grad():
+            latent = student.encode(student.preprocess(batch["lr"]))
+            target = teacher.restore_latent(latent)
+        loss = F.l1_loss(student.restore_latent(latent), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"recovery loss is {loss.item()} at step {step}; lower --recover-lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        log.append({"step": step + 1, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - start})
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+    bar.close()
+    transformer.eval().requires_grad_(False)
+    return log
