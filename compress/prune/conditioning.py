@@ -73,16 +73,51 @@ def precache_transformer(
         buffers[f"transformer_blocks.{i}.context_modulation"] = block.norm1_context.linear(silu).view(-1, dim)
     buffers["norm_out_modulation"] = transformer.norm_out.linear(silu).view(2, dim)
     buffers["context"] = context
-    compact = CompactSD3Transformer(
-        blocks=blocks, dim=dim, patch_size=config.patch_size, in_channels=config.in_channels,
-        out_channels=config.out_channels, sample_size=config.sample_size,
-        pos_embed_max_size=config.pos_embed_max_size, context_tokens=context.shape[1], timestep=float(timestep),
-    )
-    compact = to_like(compact, transformer)
-    kept = {k: v for k, v in transformer.state_dict().items() if k in compact.state_dict()}
-    state = {**kept, **buffers}
-    load_exact(compact, state)
+    config = {
+        "blocks": blocks, "dim": dim, "patch_size": config.patch_size, "in_channels": config.in_channels,
+        "out_channels": config.out_channels, "sample_size": config.sample_size,
+        "pos_embed_max_size": config.pos_embed_max_size, "context_tokens": context.shape[1],
+        "timestep": float(timestep),
+    }
+    state = {k: v for k, v in transformer.state_dict().items() if not _is_folded(k)}
+    compact = materialize(config, {**state, **buffers}, like=transformer)
     return compact.eval()
+
+
+def _is_folded(key: str) -> bool:
+    """Weights of the modules whose outputs pre-caching folds into buffers (not carried over)."""
+    if key.startswith(("time_text_embed.", "context_embedder.", "norm_out.")):
+        return True
+    return key.startswith("transformer_blocks.") and key.split(".")[2] in ("norm1", "norm1_context")
+
+
+def materialize(config: dict, state: dict[str, torch.Tensor], like: nn.Module) -> CompactSD3Transformer:
+    """Build a CompactSD3Transformer from `config` around the tensors of `state` (no copy, no random init).
+
+    The model is created on the meta device and the tensors are assigned, so converting a 2 B-parameter
+    transformer needs no second copy of its weights: the result SHARES unchanged tensors with the model
+    it came from (deep-copy it before training it if the source must stay as it is).
+    """
+    with torch.device("meta"):
+        model = CompactSD3Transformer.from_config(config)
+    expected = model.state_dict()
+    filtered = {}
+    for key in expected:
+        if key not in state:
+            raise RuntimeError(f"conversion bug: no tensor for {key}")
+        if tuple(state[key].shape) != tuple(expected[key].shape):
+            raise RuntimeError(f"conversion bug: {key} is {tuple(state[key].shape)}, expected {tuple(expected[key].shape)}")
+        filtered[key] = state[key]
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise RuntimeError(f"conversion bug: tensors the new structure has no place for: {unexpected[:4]}")
+    model.load_state_dict(filtered, strict=True, assign=True)
+    leftovers = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
+    leftovers += [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if leftovers:  # a non-persistent buffer (computed at init): build that model for real instead
+        model = to_like(CompactSD3Transformer.from_config(config), like)
+        model.load_state_dict(filtered, strict=True)
+    return model.eval()
 
 
 def to_like(model: nn.Module, reference: nn.Module) -> nn.Module:
@@ -90,17 +125,6 @@ def to_like(model: nn.Module, reference: nn.Module) -> nn.Module:
     parameter = next(reference.parameters())
     model = model.to(parameter.device)
     return model if next(model.parameters()).dtype == parameter.dtype else model.to(parameter.dtype)
-
-
-def load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """load_state_dict that fails on any missing, unexpected or misshapen tensor (a conversion bug)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        raise RuntimeError(f"conversion bug: missing {missing[:4]}, unexpected {unexpected[:4]}, wrong shape {wrong[:4]}")
-    model.load_state_dict(state, strict=True)
 
 
 def precache(student: OneStepSR) -> OneStepSR:
@@ -144,10 +168,11 @@ def rebuild(transformer: CompactSD3Transformer, blocks: list[dict], block_map: l
     """
     block_map = list(range(len(blocks))) if block_map is None else block_map
     config = {**transformer.config, "blocks": blocks}
-    new = to_like(CompactSD3Transformer.from_config(config), transformer)
     old_state = transformer.state_dict()
+    with torch.device("meta"):
+        keys = list(CompactSD3Transformer.from_config(config).state_dict())
     state = {}
-    for key in new.state_dict():
+    for key in keys:
         source = key
         if key.startswith("transformer_blocks."):
             _, index, rest = key.split(".", 2)
@@ -155,8 +180,12 @@ def rebuild(transformer: CompactSD3Transformer, blocks: list[dict], block_map: l
         if overrides and key in overrides:
             state[key] = overrides[key]
         elif key == "context":  # empty once the text stream is gone
-            state[key] = old_state["context"][:, : new.context.shape[1]]
+            state[key] = old_state["context"][:, :len_context(config)]
         else:
             state[key] = old_state[source]
-    load_exact(new, state)
-    return new.eval()
+    return materialize(config, state, like=transformer)
+
+
+def len_context(config: dict) -> int:
+    uses_text = config["blocks"][0]["context"] != "none"
+    return int(config["context_tokens"]) if uses_text else 0
