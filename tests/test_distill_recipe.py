@@ -239,3 +239,29 @@ def test_accelerate_launch_two_cpu_processes(tiny_prior, tmp_path):
     # one per process as Accelerate's default would step it.
     assert [float(r["lr"]) for r in _log(out)] == pytest.approx([2e-4 * 2 / 50, 2e-4 * 3 / 50])
     assert (out / "model/checkpoint/tsdsr/transformer.safetensors").is_file()
+
+
+def test_a_pruned_student_redistills_with_the_tsd_loss_and_kd(tiny_prior, tiny_release, tmp_path):
+    """The default recovery after pruning (preset redistill-tsd: TSD + latent L1 KD to the uncompressed student)
+    trains a compact, depth-pruned, text-free student and saves it in its own class."""
+    from compress.models.resolve import load_model
+    from compress.prune.conditioning import precache, remove_text_stream, replace_transformer
+    from compress.prune.depth import keep_blocks
+    from distill.recipe import DistillRecipe
+
+    teacher_root, _ = tiny_release
+    cached = precache(load_model(str(teacher_root)).model)
+    pruned = replace_transformer(cached, keep_blocks(remove_text_stream(cached.transformer), [0, 2]))
+    pruned.save_pretrained(tmp_path / "pruned")
+    overrides = {"model.prior": str(tiny_prior), "model.student_init": str(tmp_path / "pruned"),
+                 "model.kd_teacher": str(teacher_root), "train.steps": "2", **FAST_SETTINGS}
+    recipe = DistillRecipe(RecipeConfig.from_yaml("redistill-tsd", overrides), tmp_path / "run", progress=False)
+    recipe.load().setup().run().save()
+    rows = _log(tmp_path / "run")
+    assert len(rows) == 2 and all(float(r["tsd"]) != 0 and float(r["kd_latent_l1"]) > 0 for r in rows)
+    saved = load_model(str(tmp_path / "run" / "model")).model
+    assert type(saved.transformer).__name__ == "CompactSD3Transformer"
+    assert [s.context for s in saved.transformer.block_specs] == ["none", "none"]
+    before = pruned.transformer.state_dict()
+    moved = [k for k, v in saved.transformer.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved and all(not k.endswith("modulation") for k in moved)  # weights train, cached buffers stay

@@ -212,14 +212,15 @@ def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...]) -
     names = DEFAULT_METRICS if metrics == ("all",) else metrics
     scorers, skipped = build_scorers(names, "cpu")
     pairs = fixed_validation_pairs("realesrgan", hr_size=256)
-    rows = {"student_vs_hr": [], "original_vs_hr": [], "student_vs_original": []}
+    rows = {"student_vs_hr": [], "original_vs_hr": [], "bicubic_vs_hr": [], "student_vs_original": []}
     for _, lr, hr in pairs:
         lr, hr = lr[None], hr[None]
         settings = TileSettings(mode="auto")
         ours = _unit(upscale_tensor(student, lr, settings, DEFAULT_COLOR_FIX))
         theirs = _unit(upscale_tensor(original, lr, settings, DEFAULT_COLOR_FIX))
+        bicubic = _unit(torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False))
         for key, image, reference in (("student_vs_hr", ours, hr), ("original_vs_hr", theirs, hr),
-                                      ("student_vs_original", ours, theirs)):
+                                      ("bicubic_vs_hr", bicubic, hr), ("student_vs_original", ours, theirs)):
             scores = {}
             for name, (kind, _, fn) in scorers.items():
                 if kind != "fr" and key == "student_vs_original":
@@ -265,7 +266,7 @@ def markdown(report: dict) -> str:
         lines += [f"Quality on {quality['images']} validation photos ({quality['degradation']}, colour fix "
                   f"{quality['color_fix']}):", "", "| | " + " | ".join(metrics) + " |",
                   "|---|" + "---|" * len(metrics)]
-        for key in ("original_vs_hr", "student_vs_hr", "student_vs_original"):
+        for key in ("original_vs_hr", "student_vs_hr", "bicubic_vs_hr", "student_vs_original"):
             lines.append(f"| {key.replace('_', ' ')} | "
                          + " | ".join(f"{quality[key][m]:.4f}" if m in quality[key] else "" for m in metrics) + " |")
         if quality.get("skipped"):
