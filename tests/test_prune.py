@@ -276,3 +276,25 @@ def test_compact_class_is_registered_for_saved_students():
     from compress.models.student import component_class
 
     assert component_class("transformer", "CompactSD3Transformer") is CompactSD3Transformer
+
+
+@pytest.mark.parametrize("form", ["precache", "textless", "depth", "widths-global", "textless+depth+widths"])
+def test_every_compressed_form_round_trips_through_save_pretrained(cached, tmp_path, form):
+    from compress.models.student import OneStepSR
+    from compress.prune.conditioning import replace_transformer
+
+    transformer = cached.transformer
+    if "textless" in form:
+        transformer = remove_text_stream(transformer)
+    if "depth" in form:
+        transformer = keep_blocks(transformer, [0, 3, 4, 6])
+    if "widths" in form:
+        transformer, _ = prune_widths(transformer, head_ratio=0.5, mlp_ratio=0.5,
+                                      scope="global" if "global" in form else "uniform")
+    student = replace_transformer(cached, transformer)
+    student.save_pretrained(tmp_path / "model")
+    again = OneStepSR.from_pretrained(tmp_path / "model")
+    lr = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(student(lr), again(lr))
+    assert again.transformer.config["blocks"] == [dict(b) for b in transformer.config["blocks"]]
