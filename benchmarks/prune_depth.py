@@ -13,7 +13,6 @@ bicubic. The learnable search's own steps (`--search-steps`) come before the rec
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

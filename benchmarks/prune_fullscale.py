@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from compress.io import atomic_path, write_json
     from compress.models.presets import build_random_components, get_preset
     from compress.models.student import OneStepSR
-    from compress.prune.conditioning import precache, remove_text_stream, replace_transformer
+    from compress.prune.conditioning import (
+        precache,
+        remove_text_stream,
+        replace_transformer,
+    )
     from compress.prune.depth import choose_depth, keep_blocks
     from compress.quality.cost import machine_info
 

@@ -13,7 +13,12 @@ import torch
 from compress.models.compact import CompactSD3Transformer
 from compress.models.resolve import load_model
 from compress.prune.cli import PruneArgs, parse_steps
-from compress.prune.conditioning import UnsupportedGeometry, check_precachable, precache, remove_text_stream
+from compress.prune.conditioning import (
+    UnsupportedGeometry,
+    check_precachable,
+    precache,
+    remove_text_stream,
+)
 from compress.prune.depth import keep_blocks
 from compress.prune.heads import prune_widths
 from compress.prune.planner import predict
@@ -260,7 +265,7 @@ def test_sensitivity_scores_the_block_whose_removal_moves_the_output_most():
 
 
 def test_an_interrupted_run_leaves_no_output_folder(tmp_path, monkeypatch):
-    import compress.prune.run as run
+    from compress.prune import run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

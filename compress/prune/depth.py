@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from compress.models.compact import ZERO_ROWS, CompactSD3Transformer, block_dicts
+from compress.prune.cli import DEPTH_METHODS
 from compress.prune.conditioning import rebuild
-
-DEPTH_METHODS = ("learnable", "sensitivity", "similarity", "random")
 
 
 @dataclass
@@ -48,13 +47,13 @@ def blocks_to_keep(num_blocks: int, ratio: float) -> int:
     """How many of `num_blocks` survive pruning a fraction `ratio` of them (at least one)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"depth ratio must be in [0, 1), got {ratio}")
-    return max(1, num_blocks - int(round(num_blocks * ratio)))
+    return max(1, num_blocks - round(num_blocks * ratio))
 
 
 @torch.no_grad()
 def keep_blocks(transformer: CompactSD3Transformer, kept: list[int]) -> CompactSD3Transformer:
     """A new compact transformer with only the blocks in `kept` (sorted, unique), last-block rule applied."""
-    kept = sorted(set(int(i) for i in kept))
+    kept = sorted({int(i) for i in kept})
     count = len(transformer.transformer_blocks)
     if not kept or kept[0] < 0 or kept[-1] >= count:
         raise ValueError(f"blocks to keep must be a non-empty subset of 0..{count - 1}, got {kept}")

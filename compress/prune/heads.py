@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from compress.models.compact import CompactSD3Transformer, block_dicts
+from compress.prune.cli import IMPORTANCE_METHODS, WIDTH_SCOPES
 from compress.prune.conditioning import rebuild
 
-IMPORTANCE_METHODS = ("magnitude", "taylor")
-WIDTH_SCOPES = ("uniform", "global")
 ATTENTION_INPUTS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
 

@@ -13,6 +13,7 @@ import torch
 from compress.models.compact import CompactSD3Transformer
 from compress.prune.cli import Step
 from compress.prune.conditioning import UnsupportedGeometry
+from compress.prune.depth import blocks_to_keep
 
 
 def heads_after(heads: int, ratio: float) -> int:
@@ -26,10 +27,6 @@ def width_after(channels: int, ratio: float, round_to: int) -> int:
     return kept - kept % round_to
 
 
-def keep_count(blocks: int, ratio: float) -> int:
-    return max(1, blocks - int(round(blocks * ratio)))
-
-
 def predict_blocks(blocks: list[dict], steps: tuple[Step, ...], round_to: int = 8, method: str = "sensitivity",
                    group_size: int = 4) -> list[dict]:
     """Block specs after `steps` (precache excluded: it keeps the structure). Depth keeps the first blocks
@@ -39,7 +36,7 @@ def predict_blocks(blocks: list[dict], steps: tuple[Step, ...], round_to: int = 
         if step.name == "textless":
             blocks = [dict(b, context="none", context_mlp_dim=0) for b in blocks]
         elif step.name == "depth":
-            keep = keep_count(len(blocks), step.ratio)
+            keep = blocks_to_keep(len(blocks), step.ratio)
             if keep == len(blocks):
                 raise ValueError(f"--steps depth:{step.ratio:g} removes no block of {len(blocks)}; raise the ratio "
                                  f"to at least {1 / len(blocks):.3f}")

@@ -11,6 +11,7 @@ loss, resumable checkpoints, many GPUs) is `python -m distill train --preset red
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -58,7 +59,8 @@ def recover(
     warmup = max(1, min(50, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
     log, start = [], time.perf_counter()
-    bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress or None, mininterval=15)
+    bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress or None,
+               mininterval=0.5 if sys.stderr.isatty() else 15.0)
     for step, batch in enumerate(loader):
         with torch.no_grad():
             latent = student.encode(student.preprocess(batch["lr"]))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from compress.models.student import OneStepSR
-from compress.prune.cli import PruneArgs, Step
+from compress.prune.cli import PruneArgs
 
 DECISIONS_NAME = "prune_decisions.json"
 REPORT_NAME = "prune_report.json"
@@ -76,7 +76,12 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
     """Run `args.steps` on the student `model` (None: the built-in one) and write OUT; see the module docstring."""
     from compress.models.resolve import load_model
     from compress.prune import planner
-    from compress.prune.conditioning import check_precachable, precache, remove_text_stream, replace_transformer
+    from compress.prune.conditioning import (
+        check_precachable,
+        precache,
+        remove_text_stream,
+        replace_transformer,
+    )
 
     torch.manual_seed(args.seed)
     loaded = load_model(model, base_model=base_model)
@@ -118,9 +123,18 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
 
             if calibration is None:
                 calibration = calibration_pairs(args.calibration_images, args.seed)
-            learnable = {"steps": args.search_steps, "batch_size": args.batch_size, "hr_size": args.hr_size}
+            options, bar = {}, None
+            if args.method == "learnable":
+                from tqdm import tqdm
+
+                bar = tqdm(total=args.search_steps, desc="depth search", unit="step", disable=None,
+                           mininterval=0.5 if sys.stderr.isatty() else 15.0)
+                options = {"steps": args.search_steps, "batch_size": args.batch_size, "hr_size": args.hr_size,
+                           "progress": bar.update}
             decision = choose_depth(args.method, student, [lr for lr, _ in calibration], step.ratio, args.seed,
-                                    **(learnable if args.method == "learnable" else {}))
+                                    **options)
+            if bar is not None:
+                bar.close()
             count = len(student.transformer.transformer_blocks)
             print(f"depth ({args.method}): {describe_kept(decision.kept, count)}", file=sys.stderr)
             student = replace_transformer(student, keep_blocks(student.transformer, decision.kept))
