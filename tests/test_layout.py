@@ -41,6 +41,7 @@ def test_a_distill_import_in_compress_breaks_the_contract(tmp_path):
 
 
 @pytest.mark.parametrize("module, args", [("compress", []), ("compress", ["upscale"]), ("compress", ["eval"]),
+                                          ("compress", ["prune"]),
                                           ("distill", []), ("distill", ["train"])])
 def test_help_answers_at_once_without_torch(module, args):
     command = [sys.executable, "-X", "importtime", "-m", module, *args, "--help"]
