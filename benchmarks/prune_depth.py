@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-steps", type=int, default=200)
     parser.add_argument("--metrics", default="all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("docs/prune"))
+    parser.add_argument("--out", type=Path, default=Path("docs/prune"), help="where the table goes")
+    parser.add_argument("--runs", type=Path, default=Path("runs/prune-depth"), help="where the pruned models go")
     ns = parser.parse_args(argv)
 
     from compress.cli import comma_separated
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from compress.quality.cost import machine_info
 
     steps = "precache," + ("textless," if ns.textless else "") + f"depth:{ns.ratio:g}"
-    runs_dir = ns.out / "runs"
+    runs_dir = ns.runs
     results = {}
     for method in comma_separated(ns.methods):
         args = PruneArgs(steps=parse_steps(steps), method=method, recover_steps=ns.recover_steps,
