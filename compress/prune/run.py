@@ -284,13 +284,23 @@ def markdown(report: dict) -> str:
             lines.append(f"| {key.replace('_', ' ')} | "
                          + " | ".join(f"{quality[key][m]:.4f}" if m in quality[key] else "" for m in metrics) + " |")
         if quality.get("skipped"):
-            lines += ["", "Skipped metrics: " + "; ".join(f"{m} ({r})" for m, r in quality["skipped"].items())]
+            lines += ["", f"Skipped metrics (their weights are not on this machine; prune_report.json says which files "
+                      f"and where): {', '.join(quality['skipped'])}."]
         lines.append("")
     lines += ["## Steps", ""]
     for step in report["steps"]:
         p = step["transformer_params"]
         lines.append(f"- {step['step']}: transformer {p['before']:,} -> {p['after']:,} ({step['seconds']} s)"
                      + (f"; kept blocks {step['decision']['kept']}" if "kept" in step.get("decision", {}) else ""))
+    for step in report["steps"]:
+        history = step.get("decision", {}).get("details", {}).get("keep_probability_history")
+        if history:
+            lines += ["", f"Keep probability of every block during the learnable search ({step['step']}):", "",
+                      "| step | " + " | ".join(f"block {i}" for i in range(len(history[0]["pi"]))) + " |",
+                      "|---|" + "---|" * len(history[0]["pi"])]
+            every = max(1, len(history) // 10)
+            for row in history[::every] + ([history[-1]] if (len(history) - 1) % every else []):
+                lines.append(f"| {row['step']} | " + " | ".join(f"{p:.3f}" for p in row["pi"]) + " |")
     machine = report["machine"]
     lines += ["", f"Machine: {machine.get('cpu_model')} ({machine.get('cpu_cores_available')} cores), torch "
               f"{machine.get('packages', {}).get('torch')}, {machine.get('date_utc')}.", ""]
