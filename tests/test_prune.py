@@ -319,3 +319,18 @@ def test_a_pruned_built_in_student_beats_bicubic_after_a_short_recovery(tmp_path
     quality = prune(None, tmp_path / "out", args)["quality"]
     assert quality["student_vs_hr"]["stlpips"] < quality["bicubic_vs_hr"]["stlpips"] - 0.03, quality
     assert quality["color_fix"] == "wavelet"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(cached):
+    """Full-scale recovery on a GPU needs activation checkpointing; it must not change the gradients."""
+    import copy
+
+    latent = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(cached.transformer).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model(latent, return_dict=False)[0].square().mean().backward()
+        grads.append(model.transformer_blocks[0].attn.to_q.weight.grad.clone())  # recomputed in backward
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0

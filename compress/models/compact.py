@@ -157,7 +157,7 @@ class CompactSD3Transformer(ModelMixin, ConfigMixin):
     error, and the prompt arguments are ignored (they are the constants already folded in).
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True  # diffusers' enable_gradient_checkpointing() works (blocks recomputed)
 
     @register_to_config
     def __init__(
@@ -188,6 +188,7 @@ class CompactSD3Transformer(ModelMixin, ConfigMixin):
                 raise ValueError(f"block {i} uses the text stream after block {i - 1} dropped it")
         self.block_specs = specs
         self.out_channels = out_channels
+        self.gradient_checkpointing = False
         self.pos_embed = PatchEmbed(
             height=sample_size, width=sample_size, patch_size=patch_size, in_channels=in_channels,
             embed_dim=dim, pos_embed_max_size=pos_embed_max_size,
@@ -235,7 +236,10 @@ class CompactSD3Transformer(ModelMixin, ConfigMixin):
             if block_mask.dim() == 1:
                 block_mask = block_mask.expand(batch, -1)
         for index, block in enumerate(self.transformer_blocks):
-            new_context, new_x = block(x, context)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                new_context, new_x = self._gradient_checkpointing_func(block, x, context)
+            else:
+                new_context, new_x = block(x, context)
             if block_mask is None:
                 context, x = new_context, new_x
                 continue
