@@ -334,3 +334,70 @@ def test_gradient_checkpointing_gives_the_same_gradients(cached):
         model(latent, return_dict=False)[0].square().mean().backward()
         grads.append(model.transformer_blocks[0].attn.to_q.weight.grad.clone())  # recomputed in backward
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ VAE slimming
+def test_vae_channel_pruning_keeps_the_latent_space_and_reloads_strictly(builtin, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from compress.prune.vae import prune_vae_channels
+
+    slim = prune_vae_channels(builtin.vae, 0.5)
+    assert list(slim.config.block_out_channels) == [16, 32, 64, 64]
+    assert slim.config.latent_channels == builtin.vae.config.latent_channels == 16
+    assert slim.config.scaling_factor == builtin.vae.config.scaling_factor
+    assert sum(p.numel() for p in slim.parameters()) == 998_771
+    image = torch.rand(1, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        latent = slim.encode(image).latent_dist.mode()
+        assert latent.shape == builtin.vae.encode(image).latent_dist.mode().shape
+        decoded = slim.decode(latent).sample
+    assert decoded.shape == image.shape and torch.isfinite(decoded).all()
+    slim.save_pretrained(tmp_path / "vae")
+    again = AutoencoderKL.from_pretrained(tmp_path / "vae")  # a stock config describes it: strict reload
+    with torch.no_grad():
+        assert torch.equal(again.decode(latent).sample, decoded)
+
+
+def test_vae_channel_pruning_equals_the_pruned_weights_of_the_original(builtin):
+    """The slimmed VAE's first convolution is a subset of the original's filters (pruned, not re-initialised)."""
+    from compress.prune.vae import prune_vae_channels
+
+    slim = prune_vae_channels(builtin.vae, 0.25)
+    original = builtin.vae.encoder.conv_in.weight
+    for row in slim.encoder.conv_in.weight:
+        assert any(torch.equal(row, candidate) for candidate in original)
+
+
+def test_vae_ratios_that_would_give_uneven_widths_are_refused(builtin):
+    from compress.prune.vae import allowed_vae_ratios, check_vae_ratio
+
+    assert allowed_vae_ratios(builtin.vae) == [0.25, 0.5, 0.75]
+    with pytest.raises(ValueError, match="0.25, 0.5, 0.75 only"):
+        check_vae_ratio(builtin.vae, 0.3)
+
+
+def test_vae_attention_removal_keeps_every_other_weight(builtin):
+    from compress.prune.vae import remove_vae_attention
+
+    slim = remove_vae_attention(builtin.vae)
+    assert slim.config.mid_block_add_attention is False
+    kept = slim.state_dict()
+    original = builtin.vae.state_dict()
+    assert set(kept) == {k for k in original if ".attentions." not in k}
+    assert all(torch.equal(kept[k], original[k]) for k in kept)
+
+
+def test_a_vae_step_recovers_the_vae_and_saves_a_loadable_student(tmp_path, capsys):
+    args = PruneArgs(steps=parse_steps("vae:0.5,vae-attn"), recover_steps=2, metrics=("psnr",), latency_size=16,
+                     batch_size=1, hr_size=64)
+    from compress.prune.run import prune
+
+    report = prune("preset:tiny@4", tmp_path / "out", args)
+    assert report["params"]["vae"] < report["params"]["before"] - report["params"]["transformer"]["before"]
+    saved = load_model(str(tmp_path / "out" / "model")).model
+    assert list(saved.vae.config.block_out_channels) == [4, 8, 8, 8]
+    assert saved.vae.config.mid_block_add_attention is False
+    assert type(saved.transformer).__name__ == "SD3Transformer2DModel"  # no transformer step: no pre-caching
+    cached_vae = load_model("preset:tiny@4").model.vae
+    assert not torch.equal(saved.vae.decoder.conv_in.weight, cached_vae.decoder.conv_in.weight[:8])  # trained

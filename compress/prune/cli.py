@@ -12,8 +12,9 @@ from pathlib import Path
 
 from compress.cli import comma_separated
 
-STEP_NAMES = ("precache", "textless", "depth", "heads", "mlp")
-STEPS_WITH_RATIO = ("depth", "heads", "mlp")
+STEP_NAMES = ("precache", "textless", "depth", "heads", "mlp", "vae", "vae-attn")
+STEPS_WITH_RATIO = ("depth", "heads", "mlp", "vae")
+VAE_STEPS = ("vae", "vae-attn")
 DEPTH_METHODS = ("learnable", "sensitivity", "similarity", "random")
 IMPORTANCE_METHODS = ("magnitude", "taylor")
 WIDTH_SCOPES = ("uniform", "global")
@@ -35,7 +36,7 @@ EXAMPLES = """examples:
 
 @dataclass(frozen=True)
 class Step:
-    """One compression step: precache, textless, depth:R, heads:R or mlp:R (R = fraction removed)."""
+    """One compression step: precache, textless, depth:R, heads:R, mlp:R, vae:R (channels) or vae-attn."""
 
     name: str
     ratio: float | None = None
@@ -54,7 +55,8 @@ def parse_steps(text: str | tuple[str, ...]) -> tuple[Step, ...]:
         name, _, value = item.partition(":")
         name = name.strip()
         if name not in STEP_NAMES:
-            raise ValueError(f"--steps: unknown step {name!r}; allowed: precache, textless, depth:R, heads:R, mlp:R")
+            raise ValueError(f"--steps: unknown step {name!r}; allowed: precache, textless, depth:R, heads:R, mlp:R, "
+                             "vae:R, vae-attn")
         if name in STEPS_WITH_RATIO:
             try:
                 ratio = float(value)
@@ -73,8 +75,8 @@ def parse_steps(text: str | tuple[str, ...]) -> tuple[Step, ...]:
         raise ValueError(f"--steps: {', '.join(repeated)} given more than once")
     if "precache" in names and names[0] != "precache":
         raise ValueError("--steps: precache must come first (the other steps work on the pre-cached model)")
-    if "precache" not in names:  # lossless, and every other step needs the compact model
-        steps.insert(0, Step("precache"))
+    if "precache" not in names and any(n not in VAE_STEPS for n in names):
+        steps.insert(0, Step("precache"))  # lossless, and every transformer step needs the compact model
     return tuple(steps)
 
 
@@ -84,7 +86,8 @@ class PruneArgs:
 
     steps: tuple[Step, ...] = field(default=parse_steps("precache,textless,depth:0.5"), metadata={
         "parse": parse_steps, "metavar": "STEP[,STEP...]",
-        "help": "steps in order: precache, textless, depth:R, heads:R, mlp:R (R = fraction removed)"})
+        "help": "steps in order: precache, textless, depth:R, heads:R, mlp:R, vae:R (VAE channels), vae-attn "
+                "(VAE mid-block attention); R = fraction removed"})
     method: str = field(default=DEFAULT_DEPTH_METHOD, metadata={
         "choices": DEPTH_METHODS, "help": "how depth:R chooses the blocks"})
     importance: str = field(default="magnitude", metadata={

@@ -167,7 +167,7 @@ def rebuild(transformer: CompactSD3Transformer, blocks: list[dict], block_map: l
     last-block rule). Shapes must match: width changes go through compress.prune.heads.
     """
     block_map = list(range(len(blocks))) if block_map is None else block_map
-    config = {**transformer.config, "blocks": blocks}
+    config = {**{k: v for k, v in transformer.config.items() if not k.startswith("_")}, "blocks": blocks}
     old_state = transformer.state_dict()
     with torch.device("meta"):
         keys = list(CompactSD3Transformer.from_config(config).state_dict())

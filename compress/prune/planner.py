@@ -103,11 +103,28 @@ def compact_config_of(transformer) -> dict:
             "pos_embed_max_size": config.pos_embed_max_size, "context_tokens": 1, "timestep": 1000.0}
 
 
-def predict(transformer, steps: tuple[Step, ...], round_to: int = 8, method: str = "sensitivity") -> dict:
-    """{"blocks": specs after the steps, "params_after": transformer parameters} without touching weights."""
-    config = compact_config_of(transformer)
-    blocks = predict_blocks(block_dicts_of(config), steps, round_to, method)
-    return {"blocks": blocks, "params_after": count_compact_params({**config, "blocks": blocks})}
+def predict(transformer, steps: tuple[Step, ...], round_to: int = 8, method: str = "sensitivity", vae=None) -> dict:
+    """Structure and parameter counts after the steps, without touching weights: {"blocks", "params_after"
+    (transformer), "vae_params_after"}; VAE steps are checked against `vae` (their allowed ratios)."""
+    from compress.prune.cli import VAE_STEPS
+
+    transformer_steps = tuple(s for s in steps if s.name not in VAE_STEPS)
+    vae_steps = tuple(s for s in steps if s.name in VAE_STEPS)
+    if transformer_steps:
+        config = compact_config_of(transformer)
+        blocks = predict_blocks(block_dicts_of(config), transformer_steps, round_to, method)
+        params_after = count_compact_params({**config, "blocks": blocks})
+    else:
+        blocks, params_after = [], sum(p.numel() for p in transformer.parameters())
+    result = {"blocks": blocks, "params_after": params_after}
+    if vae is not None:
+        from compress.prune.vae import check_vae_ratio, predict_vae_params
+
+        for step in vae_steps:
+            if step.name == "vae":
+                check_vae_ratio(vae, step.ratio)
+        result["vae_params_after"] = predict_vae_params(vae, vae_steps)
+    return result
 
 
 def block_dicts_of(config: dict) -> list[dict]:

@@ -38,7 +38,7 @@ def recover(
     degradation: str = "realesrgan",
     progress: bool = True,
 ) -> list[dict]:
-    """Train `student.transformer` in place for `steps` steps; returns the loss log ({step, loss, lr, seconds})."""
+    """Train `student.transformer` (and a slimmed VAE) in place for `steps` steps; returns the loss log."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -53,19 +53,32 @@ def recover(
                          length=steps * batch_size)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     transformer = student.transformer.train().requires_grad_(True)
-    student.vae.requires_grad_(False)
+    # A slimmed VAE (a different module from the teacher's) trains too: its encoder towards the teacher's
+    # latent, its decoder towards the teacher's image of the teacher's output latent (TinySR Sec. 3.2's
+    # distillation, with the uncompressed student as the target).
+    train_vae = student.vae is not teacher.vae
+    student.vae.requires_grad_(train_vae)
     teacher.requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
+    parameters = list(transformer.parameters()) + (list(student.vae.parameters()) if train_vae else [])
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     warmup = max(1, min(50, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
     log, start = [], time.perf_counter()
     bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress or None,
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
     for step, batch in enumerate(loader):
-        with torch.no_grad():
+        if train_vae:
+            with torch.no_grad():
+                image = teacher.preprocess(batch["lr"])
+                target = teacher.restore_latent(teacher.encode(image))
+                target_image = teacher.decode(target)
             latent = student.encode(student.preprocess(batch["lr"]))
-            target = teacher.restore_latent(latent)
-        loss = F.l1_loss(student.restore_latent(latent), target)
+            loss = F.l1_loss(student.restore_latent(latent), target) + F.l1_loss(student.decode(target), target_image)
+        else:
+            with torch.no_grad():
+                latent = student.encode(student.preprocess(batch["lr"]))
+                target = teacher.restore_latent(latent)
+            loss = F.l1_loss(student.restore_latent(latent), target)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"recovery loss is {loss.item()} at step {step}; lower --recover-lr")
         optimizer.zero_grad(set_to_none=True)
@@ -78,4 +91,5 @@ def recover(
         bar.update(1)
     bar.close()
     transformer.eval().requires_grad_(False)
+    student.vae.eval().requires_grad_(False)
     return log

@@ -22,10 +22,18 @@ from pathlib import Path
 import torch
 
 from compress.models.student import OneStepSR
-from compress.prune.cli import PruneArgs
+from compress.prune.cli import VAE_STEPS, PruneArgs
 
 DECISIONS_NAME = "prune_decisions.json"
 REPORT_NAME = "prune_report.json"
+
+
+def replace_vae(student: OneStepSR, vae: torch.nn.Module) -> OneStepSR:
+    """A new OneStepSR with `vae` (same latent space: channels and scaling) and the same transformer."""
+    from dataclasses import replace
+
+    settings = replace(student.settings, vae_class=type(vae).__name__)
+    return OneStepSR(student.transformer, vae, student.prompt_embeds, student.pooled_prompt_embeds, settings).eval()
 
 
 def student_params(student: OneStepSR) -> dict:
@@ -91,14 +99,16 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
           f"{args.importance} ({args.width_scope}); recovery {args.recover_steps} steps; seed {args.seed}",
           file=sys.stderr)
     # Everything that can be refused is refused here, before any work.
-    check_precachable(original.transformer)
-    plan = planner.predict(original.transformer, args.steps, args.round_to, args.method)
+    if any(s.name not in VAE_STEPS for s in args.steps):
+        check_precachable(original.transformer)
+    plan = planner.predict(original.transformer, args.steps, args.round_to, args.method, vae=original.vae)
     before = student_params(original)
-    vae_params = before["vae"]
-    print(f"plan: transformer {before['transformer']:,} -> {plan['params_after']:,} parameters "
-          f"({len(plan['blocks'])} blocks; heads {[b['heads'] for b in plan['blocks']]}; MLP "
-          f"{[b['mlp_dim'] for b in plan['blocks']]}){' [widths per block decided by importance]' if args.width_scope == 'global' else ''}",
-          file=sys.stderr)
+    vae_params = plan["vae_params_after"]
+    structure = (f" ({len(plan['blocks'])} blocks; heads {[b['heads'] for b in plan['blocks']]}; MLP "
+                 f"{[b['mlp_dim'] for b in plan['blocks']]})" if plan["blocks"] else "")
+    scope = " [widths per block decided by importance]" if args.width_scope == "global" else ""
+    print(f"plan: transformer {before['transformer']:,} -> {plan['params_after']:,} parameters{structure}{scope}; "
+          f"VAE {before['vae']:,} -> {vae_params:,}", file=sys.stderr)
     if args.dry_run:
         ratio = (plan["params_after"] + vae_params) / before["total"]
         print(f"dry run: student {before['total']:,} -> {plan['params_after'] + vae_params:,} parameters "
@@ -112,7 +122,17 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
         started = time.perf_counter()
         record: dict = {"step": str(step)}
         params_before = sum(p.numel() for p in student.transformer.parameters())
-        if step.name == "precache":
+        vae_before = sum(p.numel() for p in student.vae.parameters())
+        if step.name in VAE_STEPS:
+            from compress.prune.vae import prune_vae_channels, remove_vae_attention
+
+            vae = prune_vae_channels(student.vae, step.ratio) if step.name == "vae" else remove_vae_attention(student.vae)
+            student = replace_vae(student, vae)
+            record["vae_block_out_channels"] = list(vae.config.block_out_channels)
+            record["vae_mid_block_attention"] = bool(vae.config.mid_block_add_attention)
+            print(f"{step}: VAE widths {list(vae.config.block_out_channels)}, mid-block attention "
+                  f"{'kept' if vae.config.mid_block_add_attention else 'removed'}", file=sys.stderr)
+        elif step.name == "precache":
             student = precache(student)
             record["note"] = "lossless: timestep/pooled embedding, adaLN modulation of both streams, final norm " \
                              "modulation and context-embedder output folded into buffers"
@@ -159,6 +179,7 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
             print(f"{step.name}: heads {width.heads_after}, MLP {width.mlp_after}", file=sys.stderr)
         record["transformer_params"] = {"before": params_before,
                                         "after": sum(p.numel() for p in student.transformer.parameters())}
+        record["vae_params"] = {"before": vae_before, "after": sum(p.numel() for p in student.vae.parameters())}
         record["seconds"] = round(time.perf_counter() - started, 2)
         decisions.append(record)
 
@@ -167,6 +188,8 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
         from compress.prune.recover import recover
 
         student = replace_transformer(student, copy.deepcopy(student.transformer))
+        if student.vae is not original.vae:
+            student = replace_vae(student, copy.deepcopy(student.vae))
         recovery_log = recover(student, original, args.recover_steps, lr=args.recover_lr, batch_size=args.batch_size,
                                hr_size=args.hr_size, seed=args.seed)
     student.eval()
@@ -307,7 +330,9 @@ def markdown(report: dict) -> str:
     lines += ["## Steps", ""]
     for step in report["steps"]:
         p = step["transformer_params"]
-        lines.append(f"- {step['step']}: transformer {p['before']:,} -> {p['after']:,} ({step['seconds']} s)"
+        v = step.get("vae_params", {})
+        vae_change = f"; VAE {v['before']:,} -> {v['after']:,}" if v and v["before"] != v["after"] else ""
+        lines.append(f"- {step['step']}: transformer {p['before']:,} -> {p['after']:,}{vae_change} ({step['seconds']} s)"
                      + (f"; kept blocks {step['decision']['kept']}" if "kept" in step.get("decision", {}) else ""))
     for step in report["steps"]:
         history = step.get("decision", {}).get("details", {}).get("keep_probability_history")
