@@ -64,7 +64,7 @@ def recover(
     warmup = max(1, min(50, steps // 10))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
     log, start = [], time.perf_counter()
-    bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress or None,
+    bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
     for step, batch in enumerate(loader):
         if train_vae:

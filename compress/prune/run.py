@@ -147,7 +147,7 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
             if args.method == "learnable":
                 from tqdm import tqdm
 
-                bar = tqdm(total=args.search_steps, desc="depth search", unit="step", disable=None,
+                bar = tqdm(total=args.search_steps, desc="depth search", unit="step", file=sys.stderr,
                            mininterval=0.5 if sys.stderr.isatty() else 15.0)
                 options = {"steps": args.search_steps, "batch_size": args.batch_size, "hr_size": args.hr_size,
                            "progress": bar.update}
