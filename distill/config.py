@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from compress.schedules import SCHEDULES
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 LAST_INDEX = 999  # the cleanest schedule entry; DASM endpoints are clamped to it (``min(..., 999)`` in train.py)
@@ -178,8 +179,8 @@ class OptimSection:
                 raise ConfigError(f"optim.{key} must be in (0, 1), got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule must be cosine or constant, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be {' or '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.grad_clip <= 0:
             raise ConfigError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
         self.betas = tuple(self.betas)  # YAML gives a list

@@ -28,18 +28,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from compress.schedules import SCHEDULES, warmup_cosine  # noqa: F401  (re-exported: one home for loops)
+
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 LOG_NAME = "log.csv"
-SCHEDULES = ("cosine", "constant")
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
@@ -64,34 +64,6 @@ def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no", devic
 
 
 # ----------------------------------------------------------------------------------------------- LR schedule
-def warmup_cosine(
-    total_steps: int, warmup_steps: int = 0, floor: float = 0.0, decay: str = "cosine"
-) -> Callable[[int], float]:
-    """LR multiplier for ``torch.optim.lr_scheduler.LambdaLR``.
-
-    Linear warm-up ``(step + 1) / warmup_steps`` over the first ``warmup_steps`` steps, then either a half
-    cosine from 1 down to ``floor`` at ``total_steps`` (``decay="cosine"``, held at ``floor`` after) or 1
-    (``decay="constant"``). The returned function is a closure, not a picklable object, so a scheduler's
-    state_dict does not store it: a resumed run builds it anew from its own (possibly larger) total.
-    """
-    if decay not in SCHEDULES:
-        raise ValueError(f"decay must be one of {SCHEDULES}, got {decay!r}")
-    if total_steps < 1 or warmup_steps < 0:
-        raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {total_steps} and {warmup_steps}")
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"floor must be in [0, 1], got {floor}")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 def sync_lr(scheduler: Any) -> None:
     """Set each optimiser group's lr to what the (possibly re-planned) LambdaLR gives at its current step.
 

@@ -10,7 +10,6 @@ loss, resumable checkpoints, many GPUs) is `python -m distill train --preset red
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -18,13 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.models.student import OneStepSR
-
-
-def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+from compress.schedules import warmup_cosine
 
 
 def recover(
@@ -62,7 +55,7 @@ def recover(
     parameters = list(transformer.parameters()) + (list(student.vae.parameters()) if train_vae else [])
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     warmup = max(1, min(50, steps // 10))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     log, start = [], time.perf_counter()
     bar = tqdm(total=steps, desc="recover", unit="step", disable=not progress, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 15.0)
