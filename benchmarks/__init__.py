@@ -8,4 +8,21 @@ the same run. What builds shipped artifacts lives in scripts/ instead.
     compare_reference   quality of the shipped reference students beside bicubic (and what their VAE allows)
     texture_spectrum    periodic texture at the token period in a student's output
     tiled_vae           tiled vs untiled VAE (accuracy of each statistics choice) and a large upscale's memory/time
+    prune_depth         depth-pruning methods side by side after the same recovery
+    prune_fullscale     transformer compression steps on the SD3-medium geometry: parameters, time, memory
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def write_results(out: Path, stem: str, payload: Any, markdown: str) -> None:
+    """OUT/STEM.json (the numbers) and OUT/STEM.md (the table), each written atomically."""
+    from compress.io import atomic_path, write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", payload)
+    with atomic_path(out / f"{stem}.md") as tmp:
+        tmp.write_text(markdown)

@@ -139,13 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                   format_table(vae_rows, ["degradation", "method", "psnr", "ssim"]), ""]
     lines += [f"- skipped {m}: {reason}" for m, reason in skipped.items()]
     lines += ["", f"Machine: {info.get('cpu_model', '')}; torch {info.get('packages', {}).get('torch', '')}."]
-    from compress.io import atomic_path, write_json
+    from benchmarks import write_results
 
-    ns.out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(ns.out / "comparison.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    write_json(ns.out / "comparison.json", {"rows": rows, "vae_rows": vae_rows, "vae": vae_results,
-                                            "skipped": skipped, "machine": info})
+    write_results(ns.out, "comparison", {"rows": rows, "vae_rows": vae_rows, "vae": vae_results,
+                                         "skipped": skipped, "machine": info}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/prune-depth"), help="where the pruned models go")
     ns = parser.parse_args(argv)
 
+    from benchmarks import write_results
     from compress.cli import comma_separated
-    from compress.io import atomic_path, write_json
     from compress.prune.cli import PruneArgs, parse_steps
     from compress.prune.run import prune
     from compress.quality.cost import machine_info
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: kept {results[method]['kept']}", flush=True)
     payload = {"steps": steps, "recover_steps": ns.recover_steps, "search_steps": ns.search_steps, "seed": ns.seed,
                "results": results, "machine": machine_info()}
-    ns.out.mkdir(parents=True, exist_ok=True)
-    write_json(ns.out / "depth-methods.json", payload)
-    with atomic_path(ns.out / "depth-methods.md") as tmp:
-        tmp.write_text(markdown(payload))
+    write_results(ns.out, "depth-methods", payload, markdown(payload))
     print(markdown(payload))
     return 0
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write fullscale.json / fullscale.md here")
     ns = parser.parse_args(argv)
 
-    from compress.io import atomic_path, write_json
+    from benchmarks import write_results
     from compress.models.presets import build_random_components, get_preset
     from compress.models.student import OneStepSR
     from compress.prune.conditioning import (
@@ -96,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {"preset": ns.preset, "rows": rows, "machine": machine_info()}
     if ns.out:
-        ns.out.mkdir(parents=True, exist_ok=True)
-        write_json(ns.out / "fullscale.json", payload)
-        with atomic_path(ns.out / "fullscale.md") as tmp:
-            tmp.write_text(markdown(payload))
+        write_results(ns.out, "fullscale", payload, markdown(payload))
     print(markdown(payload))
     return 0
 

@@ -181,12 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = _report(result)
     print("\n".join(lines))
     if ns.out:
-        from compress.io import atomic_path, write_json
+        from benchmarks import write_results
 
-        ns.out.mkdir(parents=True, exist_ok=True)
-        write_json(ns.out / "tiled-vae.json", result)
-        with atomic_path(ns.out / "tiled-vae.md") as tmp_path:
-            tmp_path.write_text("\n".join(lines) + "\n")
+        write_results(ns.out, "tiled-vae", result, "\n".join(lines) + "\n")
     return 0
 
 

@@ -51,7 +51,7 @@ def precache_transformer(
     check_precachable(transformer)
     if isinstance(transformer, CompactSD3Transformer):
         return transformer
-    config = transformer.config
+    source = transformer.config
     dtype = next(transformer.parameters()).dtype
     device = next(transformer.parameters()).device
     t = torch.full((1,), float(timestep), device=device, dtype=dtype)
@@ -74,9 +74,9 @@ def precache_transformer(
     buffers["norm_out_modulation"] = transformer.norm_out.linear(silu).view(2, dim)
     buffers["context"] = context
     config = {
-        "blocks": blocks, "dim": dim, "patch_size": config.patch_size, "in_channels": config.in_channels,
-        "out_channels": config.out_channels, "sample_size": config.sample_size,
-        "pos_embed_max_size": config.pos_embed_max_size, "context_tokens": context.shape[1],
+        "blocks": blocks, "dim": dim, "patch_size": source.patch_size, "in_channels": source.in_channels,
+        "out_channels": source.out_channels, "sample_size": source.sample_size,
+        "pos_embed_max_size": source.pos_embed_max_size, "context_tokens": context.shape[1],
         "timestep": float(timestep),
     }
     state = {k: v for k, v in transformer.state_dict().items() if not _is_folded(k)}

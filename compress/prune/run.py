@@ -205,6 +205,17 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
     return report
 
 
+def side_by_side_ms(before, after, repeats: int, rounds: int = 3) -> dict:
+    """Median milliseconds of two calls timed in interleaved rounds, so that machine load affects both alike."""
+    from compress.quality.cost import measure_latency
+
+    timings = {"before": [], "after": []}
+    for _ in range(rounds):
+        for key, fn in (("before", before), ("after", after)):
+            timings[key].append(measure_latency(fn, warmup=1, repeats=repeats).median_s * 1000)
+    return {key: sorted(values)[len(values) // 2] for key, values in timings.items()}
+
+
 def _unit(image: torch.Tensor) -> torch.Tensor:
     return image.float().clamp(0, 1).cpu()
 
@@ -212,26 +223,17 @@ def _unit(image: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure(original: OneStepSR, student: OneStepSR, args: PruneArgs) -> dict:
     """Params, MACs and latency (side by side, this run) and quality on the validation photos."""
-    from compress.quality.cost import count_macs, machine_info, measure_latency
+    from compress.quality.cost import count_macs, machine_info
 
     lr = torch.rand(1, 3, args.latency_size, args.latency_size, generator=torch.Generator().manual_seed(0))
     before, after = student_params(original), student_params(student)
     macs = {"before": count_macs(original, lr), "after": count_macs(student, lr)}
-    # Interleave the two models' timings so that machine load affects both alike.
-    timings = {"before": [], "after": []}
-    for _ in range(3):
-        for key, model in (("before", original), ("after", student)):
-            timings[key].append(measure_latency(lambda m=model: m(lr), warmup=1, repeats=2).median_s * 1000)
-    latency = {key: sorted(values)[len(values) // 2] for key, values in timings.items()}
+    latency = side_by_side_ms(lambda: original(lr), lambda: student(lr), repeats=2)
     # The transformer alone, on the latent of the same input: where pruning acts (the VAE is the next issue's).
     latent = original.encode(original.preprocess(lr))
     transformer_macs = {"before": count_macs(original.velocity, latent), "after": count_macs(student.velocity, latent)}
-    transformer_timings = {"before": [], "after": []}
-    for _ in range(3):
-        for key, model in (("before", original), ("after", student)):
-            transformer_timings[key].append(
-                measure_latency(lambda m=model: m.velocity(latent), warmup=1, repeats=3).median_s * 1000)
-    transformer_latency = {key: sorted(v)[len(v) // 2] for key, v in transformer_timings.items()}
+    transformer_latency = side_by_side_ms(lambda: original.velocity(latent), lambda: student.velocity(latent),
+                                          repeats=3)
     transformer_latency["speedup"] = transformer_latency["before"] / transformer_latency["after"]
     report = {
         "params": {"before": before["total"], "after": after["total"], "ratio": after["total"] / before["total"],

@@ -125,12 +125,10 @@ def _public(config) -> dict:
 
 
 def _like(model: nn.Module, reference: nn.Module) -> nn.Module:
-    """`model` on `reference`'s device and dtype, frozen, in eval mode (no cast when the dtypes agree)."""
-    parameter = next(reference.parameters())
-    model = model.to(parameter.device)
-    if next(model.parameters()).dtype != parameter.dtype:
-        model = model.to(parameter.dtype)
-    return model.eval().requires_grad_(False)
+    """`model` on `reference`'s device and dtype, frozen, in eval mode."""
+    from compress.prune.conditioning import to_like
+
+    return to_like(model, reference).eval().requires_grad_(False)
 
 
 def predict_vae_params(vae: nn.Module, steps) -> int:
