@@ -12,9 +12,14 @@ from pathlib import Path
 
 from compress.cli import comma_separated
 
-STEP_NAMES = ("precache", "textless", "depth", "heads", "mlp", "vae", "vae-attn")
-STEPS_WITH_RATIO = ("depth", "heads", "mlp", "vae")
-VAE_STEPS = ("vae", "vae-attn")
+STEP_NAMES = ("precache", "textless", "depth", "heads", "mlp", "vae", "vae-encoder", "vae-decoder", "vae-attn",
+              "narrow-encoder", "narrow-decoder", "separable-encoder", "separable-decoder")
+STEPS_WITH_RATIO = ("depth", "heads", "mlp", "vae", "vae-encoder", "vae-decoder")
+STEPS_WITH_WIDTH = ("narrow-encoder", "narrow-decoder")  # the value is a channel count, e.g. narrow-decoder:64
+VAE_STEPS = ("vae", "vae-encoder", "vae-decoder", "vae-attn", "narrow-encoder", "narrow-decoder",
+             "separable-encoder", "separable-decoder")
+STEP_GRAMMAR = ("precache, textless, depth:R, heads:R, mlp:R, vae:R, vae-encoder:R, vae-decoder:R, vae-attn, "
+                "narrow-encoder:W, narrow-decoder:W, separable-encoder, separable-decoder")
 DEPTH_METHODS = ("learnable", "sensitivity", "similarity", "random")
 IMPORTANCE_METHODS = ("magnitude", "taylor")
 WIDTH_SCOPES = ("uniform", "global")
@@ -36,13 +41,15 @@ EXAMPLES = """examples:
 
 @dataclass(frozen=True)
 class Step:
-    """One compression step: precache, textless, depth:R, heads:R, mlp:R, vae:R (channels) or vae-attn."""
+    """One compression step (see STEP_GRAMMAR): `ratio` is the fraction removed, or for narrow-* the width kept."""
 
     name: str
     ratio: float | None = None
 
     def __str__(self) -> str:
-        return self.name if self.ratio is None else f"{self.name}:{self.ratio:g}"
+        if self.ratio is None:
+            return self.name
+        return f"{self.name}:{int(self.ratio)}" if self.name in STEPS_WITH_WIDTH else f"{self.name}:{self.ratio:.6g}"
 
 
 def parse_steps(text: str | tuple[str, ...]) -> tuple[Step, ...]:
@@ -55,8 +62,7 @@ def parse_steps(text: str | tuple[str, ...]) -> tuple[Step, ...]:
         name, _, value = item.partition(":")
         name = name.strip()
         if name not in STEP_NAMES:
-            raise ValueError(f"--steps: unknown step {name!r}; allowed: precache, textless, depth:R, heads:R, mlp:R, "
-                             "vae:R, vae-attn")
+            raise ValueError(f"--steps: unknown step {name!r}; allowed: {STEP_GRAMMAR}")
         if name in STEPS_WITH_RATIO:
             try:
                 ratio = float(value)
@@ -65,6 +71,10 @@ def parse_steps(text: str | tuple[str, ...]) -> tuple[Step, ...]:
             if not 0.0 < ratio < 1.0:
                 raise ValueError(f"--steps: {name}:{value} is out of range; the ratio removed must be in (0, 1)")
             steps.append(Step(name, ratio))
+        elif name in STEPS_WITH_WIDTH:
+            if not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"--steps: {name} needs a channel width, e.g. {name}:64; got {item!r}")
+            steps.append(Step(name, float(int(value))))
         else:
             if value:
                 raise ValueError(f"--steps: {name} takes no ratio; got {item!r}")
@@ -86,8 +96,10 @@ class PruneArgs:
 
     steps: tuple[Step, ...] = field(default=parse_steps("precache,textless,depth:0.5"), metadata={
         "parse": parse_steps, "metavar": "STEP[,STEP...]",
-        "help": "steps in order: precache, textless, depth:R, heads:R, mlp:R, vae:R (VAE channels), vae-attn "
-                "(VAE mid-block attention); R = fraction removed"})
+        "help": "steps in order: precache, textless, depth:R, heads:R, mlp:R, vae:R / vae-encoder:R / "
+                "vae-decoder:R (VAE channels), vae-attn (VAE mid-block attention), narrow-encoder:W / "
+                "narrow-decoder:W (every VAE width W), separable-encoder / separable-decoder (depthwise-separable "
+                "3x3 convolutions); R = fraction removed"})
     method: str = field(default=DEFAULT_DEPTH_METHOD, metadata={
         "choices": DEPTH_METHODS, "help": "how depth:R chooses the blocks"})
     importance: str = field(default="magnitude", metadata={
