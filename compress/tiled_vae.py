@@ -23,8 +23,9 @@ its area). Here memory is bounded instead, in two steps:
 Peak memory is that of a `max_side`^2-pixel pass or of one tile, plus the input and the output; time is
 proportional to the area. Layers are called through their own submodules (convolutions, activations,
 attention projections), never patched, so the same model can be used untiled, hooked or compiled at the
-same time. The walk follows diffusers' `Encoder` / `Decoder` of `AutoencoderKL` (ResnetBlock2D,
-Downsample2D, Upsample2D, UNetMidBlock2D with spatial self-attention); any other layer is refused with
+same time. The walk follows diffusers' `Encoder` / `Decoder` of `AutoencoderKL` or of a slimmed
+`CompactAutoencoder` (ResnetBlock2D, Downsample2D, Upsample2D, UNetMidBlock2D with spatial self-attention;
+a depthwise-separable convolution is called like the dense one it replaces); any other layer is refused with
 an error naming it.
 """
 
@@ -341,7 +342,9 @@ def _tiled(run, x: torch.Tensor, tiling: VAETiling, factor: float, out_scale: fl
 
 
 def downsample_factor(vae: nn.Module) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    from compress.models.student import vae_downsample_factor
+
+    return vae_downsample_factor(vae)
 
 
 def tile_count(height: int, width: int, tiling: VAETiling) -> int:

@@ -49,7 +49,10 @@ _COMPONENT_CLASSES: dict[str, dict[str, str | type]] = {
         "SD3Transformer2DModel": "diffusers:SD3Transformer2DModel",
         "CompactSD3Transformer": "compress.models.compact:CompactSD3Transformer",
     },
-    "vae": {"AutoencoderKL": "diffusers:AutoencoderKL"},
+    "vae": {
+        "AutoencoderKL": "diffusers:AutoencoderKL",
+        "CompactAutoencoder": "compress.models.compact_vae:CompactAutoencoder",
+    },
 }
 
 
@@ -103,7 +106,7 @@ class OneStepSR(nn.Module):
     # -- geometry -------------------------------------------------------------------------------------
     @property
     def vae_downsample(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_downsample_factor(self.vae)
 
     @property
     def pixel_multiple(self) -> int:
@@ -286,6 +289,14 @@ class OneStepSR(nn.Module):
             pooled = conditioning.get("pooled_prompt_embeds")
         model = cls(transformer, vae, prompt_embeds, pooled, settings)
         return model.to_runtime(device, dtype)
+
+
+def vae_downsample_factor(vae: nn.Module) -> int:
+    """Pixels per latent pixel: 2^(encoder blocks - 1), from AutoencoderKL's `block_out_channels` or
+    CompactAutoencoder's `encoder_block_out_channels` (its sides have widths of their own)."""
+    config = vae.config
+    widths = getattr(config, "encoder_block_out_channels", None) or config.block_out_channels
+    return 2 ** (len(widths) - 1)
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
