@@ -181,7 +181,15 @@ def _main(capsys, *args: str) -> tuple[int, str]:
     (["--steps", "textless,precache"], "precache must come first"),
     (["--steps", "depth:0.3", "--method", "learnable"], "depth ratio must be one of 0.75, 0.5, 0.25"),
     (["--steps", "heads:0.8"], "would remove every head of block 0"),
-    (["--recover-steps", "-1"], "--recover-steps must be >= 0"),
+    (["--steps", "depth:0.5", "--recover-steps", "-1"], "--recover-steps must be >= 0"),
+    (["--target-params", "1.5"], "--target-params must be a fraction in (0, 1)"),
+    (["--target-params", "0.2", "--steps", "depth:0.5"], "give one of --target-params, --steps, --plan"),
+    (["--recover-steps", "3"], "say what to remove: --target-params R"),
+    (["--target-params", "0.01"], "below the smallest reachable size; this student reaches 0.0"),
+    (["--target-params", "0.95"], "above what lossless pre-caching leaves"),
+    (["--target-params", "0.2", "--plan", "nowhere.json"], "give one of --target-params, --steps, --plan"),
+    (["--plan", "nowhere.json"], "--plan nowhere.json: no such file"),
+    (["--target-params", "0.2", "--budget", "nowhere.toml"], "--budget nowhere.toml: no such file"),
 ])
 def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, capsys, flags, message):
     out = tmp_path / "out"
@@ -194,8 +202,8 @@ def test_bad_flags_fail_before_any_work_naming_the_flag(tmp_path, capsys, flags,
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     code, err = _main(capsys, "--steps", "precache,textless,depth:0.5", "--dry-run", "-o", str(tmp_path / "out"))
     assert code == 0, err
-    assert "4,663,104 -> 807,616 parameters" in err
-    assert "dry run: student 8,588,803 -> 4,733,315" in err
+    assert "transformer 4,663,104 -> 807,616 (4 blocks" in err
+    assert "student 8,588,803 -> 4,733,315 parameters (0.551)" in err and "dry run: nothing written" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -271,7 +279,8 @@ def test_an_interrupted_run_leaves_no_output_folder(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(run.OneStepSR, "save_pretrained", interrupted)
-    args = PruneArgs(steps=parse_steps("precache,depth:0.5"), metrics=("none",), latency_size=16, calibration_images=1)
+    args = PruneArgs(steps=parse_steps("precache,depth:0.5"), metrics=("none",), latency_size=16, calibration_images=1,
+                     recover_steps=0)
     with pytest.raises(KeyboardInterrupt):
         run.prune("preset:tiny", tmp_path / "out", args)
     assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""`python -m compress prune`: compress a student's transformer step by step and write a self-describing folder.
+"""`python -m compress prune`: compress a student to a parameter target, or step by step, into a self-describing folder.
 
 Flags come from `PruneArgs`; the step list is parsed and checked here, without torch, so that a bad flag
 fails at once. The work itself is compress.prune.run.
@@ -21,12 +21,23 @@ VAE_STEPS = ("vae", "vae-encoder", "vae-decoder", "vae-attn", "narrow-encoder", 
 STEP_GRAMMAR = ("precache, textless, depth:R, heads:R, mlp:R, vae:R, vae-encoder:R, vae-decoder:R, vae-attn, "
                 "narrow-encoder:W, narrow-decoder:W, separable-encoder, separable-decoder")
 DEPTH_METHODS = ("learnable", "sensitivity", "similarity", "random")
+LOSSLESS_STEPS = ("precache",)
 IMPORTANCE_METHODS = ("magnitude", "taylor")
 WIDTH_SCOPES = ("uniform", "global")
 # Measured on the built-in student at 50 % depth with the same recovery (docs/prune/depth-methods.md).
 DEFAULT_DEPTH_METHOD = "sensitivity"
+# Recovery steps when --recover-steps is not given and a step is lossy: what the built-in student needs at
+# --target-params 0.2 to fit this machine's 15-minute budget (docs/prune/target-0.2.md).
+DEFAULT_RECOVER_STEPS = 300
 
 EXAMPLES = """examples:
+  # the toolkit's first command: a student with 0.2 of the parameters, planned, recovered, checked
+  python -m compress prune --target-params 0.2 -o runs/small
+  # the plan only (measures every candidate step, prints the steps and the parameter count)
+  python -m compress prune --target-params 0.2 --dry-run
+  # replay a run's plan exactly; continue an interrupted run
+  python -m compress prune --plan runs/small/plan.json -o runs/small-again
+  python -m compress prune --target-params 0.2 -o runs/small --resume
   # what would go, and the parameter count, without writing anything
   python -m compress prune --steps precache,textless,depth:0.5 --dry-run
   # the built-in student: fold the constant conditioning, drop the text stream, half the blocks, recover
@@ -94,7 +105,12 @@ def parse_steps(text: str | tuple[str, ...]) -> tuple[Step, ...]:
 class PruneArgs:
     """Options of `prune` (each is a flag of the same name); validation names the offending flag."""
 
-    steps: tuple[Step, ...] = field(default=parse_steps("precache,textless,depth:0.5"), metadata={
+    target_params: float | None = field(default=None, metadata={
+        "metavar": "R", "help": "plan the steps so that the student keeps this fraction of its parameters "
+        "(transformer + VAE), within 2 %%; the planner measures each candidate step on calibration photos"})
+    plan: Path | None = field(default=None, metadata={
+        "metavar": "FILE", "help": "replay the plan.json of an earlier run (its steps and settings)"})
+    steps: tuple[Step, ...] | None = field(default=None, metadata={
         "parse": parse_steps, "metavar": "STEP[,STEP...]",
         "help": "steps in order: precache, textless, depth:R, heads:R, mlp:R, vae:R / vae-encoder:R / "
                 "vae-decoder:R (VAE channels), vae-attn (VAE mid-block attention), narrow-encoder:W / "
@@ -110,15 +126,23 @@ class PruneArgs:
     calibration_images: int = field(default=8, metadata={
         "help": "training-photo crops that score blocks and channels (sensitivity, similarity, taylor)"})
     search_steps: int = field(default=200, metadata={"help": "steps of the learnable depth search"})
-    recover_steps: int = field(default=0, metadata={
-        "help": "steps of latent-L1 recovery to the uncompressed student after pruning (TinySR stage 1)"})
+    recover_steps: int | None = field(default=None, metadata={
+        "help": "recovery steps towards the uncompressed student after pruning (TinySR stage 1; slimmed VAEs "
+                f"by distillation); default {DEFAULT_RECOVER_STEPS} when a step is lossy, 0 skips it"})
+    checkpoint_every: int = field(default=50, metadata={"help": "recovery steps between checkpoints"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue the interrupted run that writes -o OUT (from OUT.partial: plan, pruned student, "
+                "recovery checkpoint)"})
+    budget: Path | None = field(default=None, metadata={
+        "metavar": "FILE", "help": "quality budget (TOML; default: compress/assets/budgets/default.toml); a "
+        "result outside it exits with code 3, the model still written"})
     recover_lr: float = field(default=1e-4, metadata={"help": "learning rate of the recovery"})
     batch_size: int = field(default=4, metadata={"help": "crops per step (search and recovery)"})
     hr_size: int = field(default=128, metadata={"help": "HR crop side of the search/recovery crops"})
     metrics: tuple[str, ...] = field(default=("all",), metadata={
         "parse": comma_separated, "help": "quality metrics on the validation photos: all (every offline one), "
         "none, or names as in eval"})
-    latency_size: int = field(default=64, metadata={"help": "LR side of the latency/MACs measurement"})
+    latency_size: int = field(default=128, metadata={"help": "LR side of the latency/MACs measurement (x4 output)"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (same seed, same result)"})
     dry_run: bool = field(default=False, metadata={
         "help": "print what would be removed and the resulting parameter count; write nothing"})
@@ -127,18 +151,26 @@ class PruneArgs:
     def __post_init__(self):
         if isinstance(self.steps, str):
             self.steps = parse_steps(self.steps)
+        given = [flag for flag, value in (("--steps", self.steps), ("--target-params", self.target_params),
+                                          ("--plan", self.plan)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of --target-params, --steps, --plan; got {' and '.join(given)}")
+        if not given and not self.resume:
+            raise ValueError("say what to remove: --target-params R (e.g. 0.2), --steps LIST or --plan FILE")
+        if self.target_params is not None and not 0.0 < self.target_params < 1.0:
+            raise ValueError(f"--target-params must be a fraction in (0, 1), got {self.target_params:g}")
         for name, values in (("--method", DEPTH_METHODS), ("--importance", IMPORTANCE_METHODS),
                              ("--width-scope", WIDTH_SCOPES)):
             value = getattr(self, name[2:].replace("-", "_"))
             if value not in values:
                 raise ValueError(f"{name} must be one of {', '.join(values)}, got {value!r}")
-        for name in ("round_to", "calibration_images", "batch_size", "latency_size"):
+        for name in ("round_to", "calibration_images", "batch_size", "latency_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("search_steps", "recover_steps"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.method == "learnable" and self.search_steps < 1 and any(s.name == "depth" for s in self.steps):
+        if self.method == "learnable" and self.search_steps < 1 and any(s.name == "depth" for s in self.steps or ()):
             raise ValueError("--search-steps must be >= 1 for --method learnable")
         if self.recover_lr <= 0:
             raise ValueError(f"--recover-lr must be positive, got {self.recover_lr}")
@@ -148,7 +180,7 @@ class PruneArgs:
             raise ValueError(f"--latency-size must be a multiple of 16, got {self.latency_size}")
 
     def step(self, name: str) -> Step | None:
-        return next((s for s in self.steps if s.name == name), None)
+        return next((s for s in self.steps or () if s.name == name), None)
 
 
 def add_parser(subparsers) -> None:
@@ -156,7 +188,7 @@ def add_parser(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "prune",
-        help="compress the student's transformer: pre-cache, drop the text stream, prune depth, heads, MLP",
+        help="compress the student to a parameter target (or by explicit steps): transformer and VAE",
         description=__doc__.split("\n\n")[0] + "\n\nWrites OUT/model (a saved student), OUT/prune_report.json "
         "and OUT/report.md.",
         epilog=EXAMPLES,
@@ -178,7 +210,10 @@ def run_from_args(ns: argparse.Namespace) -> int:
         raise ValueError("-o/--output is required (or pass --dry-run)")
     if ns.output is not None and ns.output.exists() and not args.overwrite and not args.dry_run:
         raise FileExistsError(f"-o {ns.output} already exists; pass --overwrite to replace it")
+    from compress.budget import BUDGET_EXIT_CODE
     from compress.prune.run import prune
 
-    prune(ns.model, ns.output, args, base_model=ns.base_model)
-    return 0
+    report = prune(ns.model, ns.output, args, base_model=ns.base_model)
+    if args.dry_run or report["budget"]["passed"]:
+        return 0
+    return BUDGET_EXIT_CODE

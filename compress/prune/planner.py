@@ -1,12 +1,26 @@
-"""Predict the structure a list of steps produces, before any work: checks, dry runs and parameter counts.
+"""The planner: predict what a list of steps gives, and find the steps that land on a parameter target.
 
-The arithmetic mirrors what the steps do (Torch-Pruning's rounding for heads and MLP widths, the
-last-block rule for depth); `tests/test_prune.py` checks the prediction against the real result.
+`predict` gives the structure and parameter counts of a step list before any work (checks, dry runs); the
+arithmetic mirrors what the steps do (Torch-Pruning's rounding for heads and MLP widths, the last-block rule
+for depth) and `tests/test_prune.py` checks it against the real result.
+
+`plan_for_target` turns `--target-params R` into steps. Pre-caching is lossless and always first. Every lossy
+step is a family of levels (depth: one more block; heads: one more head per block; MLP: 1/32 of the width;
+VAE channels: the ratios GroupNorm allows; on/off steps: one level); the cost of a level is measured by
+compress.prune.importance (the step alone, ST-LPIPS to the uncompressed output on calibration photos) and
+interpolated linearly between the measured levels. The search is greedy on the marginal cost per parameter
+removed: from the pre-cached student it repeatedly takes the family whose next level costs least per
+parameter it removes, until the student is within TOLERANCE of the target; a move that lands inside the
+window is preferred when one exists, and if the last move overshot, levels whose removal cost most per
+parameter are given back while the student stays under the window's top.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -76,11 +90,43 @@ def check_learnable_depth(blocks: int, ratio: float, group_size: int = 4) -> Non
                          f"{allowed}; got {ratio:g}")
 
 
-def count_compact_params(config: dict) -> int:
-    """Parameters of a CompactSD3Transformer config, built on the meta device (no memory, no time)."""
+def _count_meta(config: dict) -> int:
     with torch.device("meta"):
         model = CompactSD3Transformer.from_config(config)
     return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=4096)
+def _block_params(frame: str, block: str) -> tuple[int, int]:
+    """(parameters of one block `block`, parameters outside the blocks) for the config `frame` (JSON, no blocks).
+
+    Each count comes from the smallest valid model holding the block: a "joint" block needs a later block
+    that reads its text output, so it is counted next to its "last" twin.
+    """
+    config = json.loads(frame)
+    spec = json.loads(block)
+    alone = dict(spec, context="none", context_mlp_dim=0)
+    one, two = _count_meta({**config, "blocks": [alone]}), _count_meta({**config, "blocks": [alone, alone]})
+    rest = 2 * one - two
+    if spec["context"] == "none":
+        return one - rest, rest
+    last = dict(spec, context="last", context_mlp_dim=0)
+    last_params = _count_meta({**config, "blocks": [last]}) - rest
+    if spec["context"] == "last":
+        return last_params, rest
+    return _count_meta({**config, "blocks": [spec, last]}) - rest - last_params, rest
+
+
+def count_compact_params(config: dict) -> int:
+    """Parameters of a CompactSD3Transformer config: per-block counts of meta-device models, cached by block
+    structure (the planner asks for thousands of configs; the meta models cost no memory)."""
+    frame = json.dumps({k: v for k, v in dict(config).items() if k != "blocks" and not k.startswith("_")},
+                       sort_keys=True)
+    total = 0
+    for spec in config["blocks"]:
+        block, rest = _block_params(frame, json.dumps(dict(spec), sort_keys=True))
+        total += block
+    return total + rest
 
 
 def compact_config_of(transformer) -> dict:
@@ -130,3 +176,211 @@ def predict(transformer, steps: tuple[Step, ...], round_to: int = 8, method: str
 def block_dicts_of(config: dict) -> list[dict]:
     return [dict(b) for b in config["blocks"]]
 
+
+
+# ------------------------------------------------------------------------------------------- target search
+TOLERANCE = 0.02  # the achieved fraction is within +-2 % of the target fraction
+TRANSFORMER_FAMILIES = ("textless", "depth", "heads", "mlp")
+VAE_FAMILIES = ("vae-attn", "vae-encoder", "vae-decoder", "separable-encoder", "separable-decoder")
+MEASURED_FRACTIONS = (0.25, 0.5, 0.75)  # the levels whose cost is measured; the others are interpolated
+MLP_LEVELS = 32
+
+
+class PlanError(ValueError):
+    """A target the steps cannot reach; the message names the reachable range."""
+
+
+@dataclass
+class Family:
+    """One lossy step at increasing levels: levels[i] removes fractions[i] of what the step acts on."""
+
+    name: str
+    levels: list[Step]
+    fractions: list[float]
+
+    def measured(self) -> list[int]:
+        """Indices (0-based into levels) whose cost is measured: the on/off level, or those nearest 25/50/75 %."""
+        if len(self.levels) <= len(MEASURED_FRACTIONS):
+            return list(range(len(self.levels)))
+        picks = [min(range(len(self.levels)), key=lambda i: (abs(self.fractions[i] - f), i)) for f in MEASURED_FRACTIONS]
+        return sorted(set(picks))
+
+    def cost(self, level: int, costs: dict[str, dict]) -> float:
+        """Measured or interpolated cost of `level` (0 = not applied; 1.. = levels[level - 1])."""
+        if level == 0:
+            return 0.0
+        points = [(0.0, 0.0)] + [(self.fractions[i], max(0.0, costs[str(self.levels[i])]["cost"]))
+                                 for i in self.measured()]
+        x = self.fractions[level - 1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if x <= x1:
+                return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        (x0, y0), (x1, y1) = points[-2], points[-1]  # beyond the last measured level: same slope
+        return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
+
+
+def candidate_families(transformer, vae, round_to: int = 8, method: str = "sensitivity") -> list[Family]:
+    """Every lossy family this student offers, in the order their steps are applied."""
+    from compress.prune.vae import allowed_vae_ratios
+
+    config = compact_config_of(transformer)
+    blocks = config["blocks"]
+    families = []
+    if any(b["context"] != "none" for b in blocks):
+        families.append(Family("textless", [Step("textless")], [1.0]))
+    n = len(blocks)
+    depth = [(Step("depth", k / n), k / n) for k in range(1, n)]
+    if method == "learnable":
+        depth = [(s, f) for s, f in depth if _allowed(lambda s=s: check_learnable_depth(n, s.ratio))]
+    if depth:
+        families.append(Family("depth", [s for s, _ in depth], [f for _, f in depth]))
+    heads = min(b["heads"] for b in blocks)
+    if heads > 1:  # (k - 0.5) / h: Torch-Pruning removes ceil(ratio * h) = k heads, safe from float rounding
+        families.append(Family("heads", [Step("heads", (k - 0.5) / heads) for k in range(1, heads)],
+                               [k / heads for k in range(1, heads)]))
+    mlp_dim = min(b["mlp_dim"] for b in blocks)
+    seen, mlp = set(), []
+    for j in range(1, MLP_LEVELS):
+        width = width_after(mlp_dim, j / MLP_LEVELS, round_to)
+        if width >= round_to and width < mlp_dim and width not in seen:
+            seen.add(width)
+            mlp.append((Step("mlp", j / MLP_LEVELS), 1 - width / mlp_dim))
+    if mlp:
+        families.append(Family("mlp", [s for s, _ in mlp], [f for _, f in mlp]))
+    if vae is not None and type(vae).__name__ == "AutoencoderKL":
+        if vae.config.get("mid_block_add_attention", True):
+            families.append(Family("vae-attn", [Step("vae-attn")], [1.0]))
+        ratios = allowed_vae_ratios(vae)
+        for side in ("encoder", "decoder"):
+            if ratios:
+                families.append(Family(f"vae-{side}", [Step(f"vae-{side}", r) for r in ratios], list(ratios)))
+        for side in ("encoder", "decoder"):
+            families.append(Family(f"separable-{side}", [Step(f"separable-{side}")], [1.0]))
+    return families
+
+
+def _allowed(check) -> bool:
+    try:
+        check()
+    except ValueError:
+        return False
+    return True
+
+
+class ParamCounter:
+    """Student parameters after a choice of family levels (transformer and VAE predicted separately, cached)."""
+
+    def __init__(self, transformer, vae, families: list[Family], round_to: int, method: str):
+        self.transformer, self.vae, self.families = transformer, vae, families
+        self.round_to, self.method = round_to, method
+        self._transformer: dict[tuple, int] = {}
+        self._vae: dict[tuple, int] = {}
+
+    def steps(self, levels: dict[str, int]) -> tuple[Step, ...]:
+        chosen = [f.levels[levels[f.name] - 1] for f in self.families if levels.get(f.name, 0)]
+        return (Step("precache"), *chosen)
+
+    def __call__(self, levels: dict[str, int]) -> int:
+        from compress.prune.vae import predict_vae_params
+
+        steps = self.steps(levels)
+        t_steps = tuple(s for s in steps if s.name not in VAE_FAMILIES)
+        v_steps = tuple(s for s in steps if s.name in VAE_FAMILIES)
+        if t_steps not in self._transformer:
+            config = compact_config_of(self.transformer)
+            blocks = predict_blocks(block_dicts_of(config), t_steps, self.round_to, self.method)
+            self._transformer[t_steps] = count_compact_params({**config, "blocks": blocks})
+        if v_steps not in self._vae:
+            self._vae[v_steps] = predict_vae_params(self.vae, v_steps)
+        return self._transformer[t_steps] + self._vae[v_steps]
+
+
+def reachable_range(counter: ParamCounter, total: int) -> tuple[float, float]:
+    """(smallest, largest) fraction of `total` the families reach: every family at its last level; pre-caching only."""
+    smallest = counter({f.name: len(f.levels) for f in counter.families})
+    return smallest / total, counter({}) / total
+
+
+def check_target(target: float, counter: ParamCounter, total: int) -> None:
+    """Refuse, before any measurement, a target outside (0, 1) or outside what the steps reach."""
+    low, high = reachable_range(counter, total)
+    span = f"this student reaches {low:.3f} to {high:.3f} of its parameters (pre-caching alone gives {high:.3f})"
+    if not 0.0 < target < 1.0:
+        raise PlanError(f"--target-params {target:g} must be a fraction in (0, 1); {span}")
+    if target * (1 + TOLERANCE) < low:
+        raise PlanError(f"--target-params {target:g} is below the smallest reachable size; {span}")
+    if target * (1 - TOLERANCE) > high:
+        raise PlanError(f"--target-params {target:g} is above what lossless pre-caching leaves; {span}")
+
+
+def search(families: list[Family], costs: dict[str, dict], counter: ParamCounter, total: int,
+           target: float) -> tuple[dict[str, int], list[dict]]:
+    """Greedy marginal-cost search (module docstring): family levels and the moves in the order taken."""
+    high, low = target * (1 + TOLERANCE) * total, target * (1 - TOLERANCE) * total
+    levels = {f.name: 0 for f in families}
+    moves: list[dict] = []
+    while counter(levels) > high:
+        now = counter(levels)
+        options = []
+        for f in families:
+            i = levels[f.name]
+            if i == len(f.levels):
+                continue
+            trial = {**levels, f.name: i + 1}
+            saved = now - counter(trial)
+            if saved <= 0:
+                continue
+            extra = max(0.0, f.cost(i + 1, costs) - f.cost(i, costs))
+            options.append((extra / saved, f, trial, saved, extra))
+        if not options:
+            break
+        landing = [o for o in options if low <= counter(o[2]) <= high]
+        rate, f, trial, saved, extra = min(landing or options, key=lambda o: o[0])  # ties: family order
+        levels = trial
+        moves.append({"move": str(f.levels[trial[f.name] - 1]), "cost_per_million_params": rate * 1e6,
+                      "params_after": counter(levels)})
+    while counter(levels) < low:  # overshot: give back the removal that cost most per parameter
+        now = counter(levels)
+        options = []
+        for f in families:
+            i = levels[f.name]
+            if i == 0:
+                continue
+            trial = {**levels, f.name: i - 1}
+            if counter(trial) > high:
+                continue
+            extra = max(0.0, f.cost(i, costs) - f.cost(i - 1, costs))
+            options.append((extra / (counter(trial) - now), f, trial))
+        if not options:
+            break
+        _, f, trial = max(options, key=lambda o: o[0])
+        levels = trial
+        moves.append({"move": f"back to {f.levels[trial[f.name] - 1] if trial[f.name] else 'no ' + f.name}",
+                      "params_after": counter(levels)})
+    achieved = counter(levels) / total
+    if not low <= counter(levels) <= high:
+        raise PlanError(f"--target-params {target:g}: the nearest plan found gives {achieved:.4f}, outside +-"
+                        f"{TOLERANCE:.0%}; try a nearby target")
+    return levels, moves
+
+
+def plan_for_target(student, target: float, args, calibration, progress: bool = True) -> dict:
+    """Measure the candidate steps on `student` and choose those that land on `target` (module docstring)."""
+    from compress.prune.importance import COST_METRIC, measure_step_costs
+
+    families = candidate_families(student.transformer, student.vae, args.round_to, args.method)
+    counter = ParamCounter(student.transformer, student.vae, families, args.round_to, args.method)
+    total = sum(p.numel() for p in student.parameters())
+    check_target(target, counter, total)
+    measured = [f.levels[i] for f in families for i in f.measured()]
+    costs = measure_step_costs(student, measured, args, calibration, progress=progress)
+    levels, moves = search(families, costs, counter, total, target)
+    steps = counter.steps(levels)
+    return {
+        "target_params": target, "tolerance": TOLERANCE, "steps": [str(s) for s in steps],
+        "params": {"before": total, "predicted_after": counter(levels), "predicted_ratio": counter(levels) / total},
+        "cost_metric": f"{COST_METRIC} to the uncompressed student's output, step alone, before recovery",
+        "costs": costs, "moves": moves,
+        "levels": {f.name: {"chosen": str(f.levels[levels[f.name] - 1]) if levels[f.name] else None,
+                            "available": len(f.levels)} for f in families},
+    }

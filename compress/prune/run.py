@@ -1,39 +1,41 @@
-"""The prune recipe: load -> check -> run the steps -> recover -> measure -> save (one self-describing folder).
+"""The prune recipe: load -> plan -> run the steps -> recover -> measure -> check the budget -> save.
 
-OUT/model            the compressed student (`OneStepSR.save_pretrained`; its transformer is a
-                     CompactSD3Transformer whose config holds every block's structure) with
-                     OUT/model/prune_decisions.json (every step's decisions and scores)
+OUT/model              the compressed student (`OneStepSR.save_pretrained`; a CompactSD3Transformer whose
+                       config holds every block's structure, a slimmed VAE class when the VAE changed) with
+                       OUT/model/prune_decisions.json (every step's decisions and scores)
+OUT/plan.json          the steps and the settings that decide them (`--plan OUT/plan.json` replays the run),
+                       with the planner's measured step costs when it came from --target-params
 OUT/prune_report.json  params / MACs / latency before and after (measured side by side in this run),
-                     quality on the validation photos vs the uncompressed student and vs HR, the steps
-OUT/report.md        the same for people
-Everything is written in a temporary folder renamed onto OUT at the end, so an interrupted run leaves
-no folder that looks complete.
+                       quality on the validation photos vs the uncompressed student and vs HR, the quality
+                       budget and what passed, the steps, the recovery log
+OUT/report.md          the same for people
+Everything is written in a temporary folder renamed onto OUT at the end, so an interrupted run leaves no
+folder that looks complete. Work a resume needs (the plan, the pruned student before recovery, recovery
+checkpoints) lives in OUT.partial/ until the run completes; `--resume` continues from there.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import shutil
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from compress.models.student import OneStepSR
-from compress.prune.cli import VAE_STEPS, PruneArgs
+from compress.prune.cli import LOSSLESS_STEPS, PruneArgs, parse_steps
+from compress.prune.steps import Calibration, apply_step, replace_vae
 
 DECISIONS_NAME = "prune_decisions.json"
 REPORT_NAME = "prune_report.json"
-
-
-def replace_vae(student: OneStepSR, vae: torch.nn.Module) -> OneStepSR:
-    """A new OneStepSR with `vae` (same latent space: channels and scaling) and the same transformer."""
-    from dataclasses import replace
-
-    settings = replace(student.settings, vae_class=type(vae).__name__)
-    return OneStepSR(student.transformer, vae, student.prompt_embeds, student.pooled_prompt_embeds, settings).eval()
+PLAN_NAME = "plan.json"
+# Settings that decide what the steps remove: a plan file carries them so that it replays exactly.
+PLAN_SETTINGS = ("method", "importance", "width_scope", "round_to", "calibration_images", "search_steps",
+                 "batch_size", "hr_size", "seed")
 
 
 def student_params(student: OneStepSR) -> dict:
@@ -52,156 +54,144 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def calibration_pairs(count: int, seed: int, hr_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(LR, HR) crops of the training photos (never the validation ones) that score blocks and channels."""
-    from compress.data import SRPairDataset, list_photos
-
-    data = SRPairDataset(list_photos("train"), hr_size=hr_size, degradation="realesrgan", seed=seed + 7919,
-                         length=count)
-    return [(data[i]["lr"][None], data[i]["hr"][None]) for i in range(count)]
+def work_dir(output: Path) -> Path:
+    """Where an unfinished run keeps what `--resume` needs."""
+    return output.with_name(output.name + ".partial")
 
 
-def taylor_loss_fn(student: OneStepSR, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Calibration loss for Taylor importance: L1 between the one-step output latent and the HR latent.
+def read_plan(path: Path) -> dict:
+    """A plan file (OUT/plan.json of an earlier run), checked."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--plan {path}: no such file (a plan is the plan.json of an earlier prune run)")
+    try:
+        plan = json.loads(Path(path).read_text())
+        parse_steps(tuple(plan["steps"]))
+        missing = [k for k in PLAN_SETTINGS if k not in plan["settings"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"--plan {path}: not a prune plan ({error})") from None
+    if missing:
+        raise ValueError(f"--plan {path}: settings {missing} are missing")
+    return plan
 
-    The HR target (not the uncompressed student's output, which the student still equals right after
-    pre-caching and would give zero gradients) gives every channel a real gradient (Molchanov et al. 2019).
-    """
-    with torch.no_grad():
-        inputs = [student.encode(student.preprocess(lr)) for lr, _ in pairs]
-        targets = [student.encode(hr.mul(2).sub(1)) for _, hr in pairs]
 
-    def loss(transformer):
-        total = 0.0
-        for latent, target in zip(inputs, targets):
-            total = total + (latent - transformer(latent, return_dict=False)[0] - target).abs().mean()
-        return total / len(inputs)
+def make_plan(original: OneStepSR, args: PruneArgs, calibration: Calibration) -> dict:
+    """The steps to run: from --plan (its settings too), --target-params (measured) or --steps."""
+    from compress.prune import planner
 
-    return loss
+    if args.plan is not None:
+        plan = read_plan(args.plan)
+        for key in PLAN_SETTINGS:
+            setattr(args, key, plan["settings"][key])
+        print(f"plan: replaying {args.plan}", file=sys.stderr)
+    elif args.target_params is not None:
+        print(f"plan: measuring every candidate step alone on {args.calibration_images} calibration crops "
+              f"(target {args.target_params:g} of the parameters)", file=sys.stderr)
+        plan = planner.plan_for_target(original, args.target_params, args, calibration)
+    else:
+        plan = {"steps": [str(s) for s in args.steps]}
+    plan["settings"] = {key: getattr(args, key) for key in PLAN_SETTINGS}
+    args.steps = parse_steps(tuple(plan["steps"]))
+    return plan
+
+
+def default_recover_steps(args: PruneArgs) -> int:
+    from compress.prune.cli import DEFAULT_RECOVER_STEPS
+
+    if args.recover_steps is not None:
+        return args.recover_steps
+    return DEFAULT_RECOVER_STEPS if any(s.name not in LOSSLESS_STEPS for s in args.steps) else 0
 
 
 def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: Path | None = None) -> dict:
-    """Run `args.steps` on the student `model` (None: the built-in one) and write OUT; see the module docstring."""
+    """Plan, run, recover, measure and save (module docstring); returns the report (with "budget")."""
+    from compress.budget import check_budget, load_budget
+    from compress.io import write_json
     from compress.models.resolve import load_model
     from compress.prune import planner
-    from compress.prune.conditioning import (
-        check_precachable,
-        precache,
-        remove_text_stream,
-        replace_transformer,
-    )
+    from compress.prune.conditioning import check_precachable, replace_transformer
+    from compress.prune.cli import VAE_STEPS
 
+    budget = load_budget(args.budget)  # a bad budget file fails before any work
     torch.manual_seed(args.seed)
     loaded = load_model(model, base_model=base_model)
     original = loaded.model
     print(f"model: {loaded.description}", file=sys.stderr)
-    print(f"steps: {', '.join(str(s) for s in args.steps)}; depth method {args.method}; importance "
-          f"{args.importance} ({args.width_scope}); recovery {args.recover_steps} steps; seed {args.seed}",
-          file=sys.stderr)
-    # Everything that can be refused is refused here, before any work.
-    if any(s.name not in VAE_STEPS for s in args.steps):
-        check_precachable(original.transformer)
-    plan = planner.predict(original.transformer, args.steps, args.round_to, args.method, vae=original.vae)
+    work = work_dir(output) if output is not None else None
+    calibration = Calibration(args.calibration_images, args.seed)
+    if args.resume:
+        if work is None or not (work / PLAN_NAME).is_file():
+            raise FileNotFoundError(f"--resume: nothing to resume at {work} (no {PLAN_NAME}); run without --resume")
+        plan = read_plan(work / PLAN_NAME)
+        for key in PLAN_SETTINGS:
+            setattr(args, key, plan["settings"][key])
+        args.steps = parse_steps(tuple(plan["steps"]))
+    else:
+        if any(s.name not in VAE_STEPS for s in (args.steps or ())) or args.target_params is not None:
+            check_precachable(original.transformer)
+        plan = make_plan(original, args, calibration)
+    recover_steps = default_recover_steps(args)
+    predicted = planner.predict(original.transformer, args.steps, args.round_to, args.method, vae=original.vae)
     before = student_params(original)
-    vae_params = plan["vae_params_after"]
-    structure = (f" ({len(plan['blocks'])} blocks; heads {[b['heads'] for b in plan['blocks']]}; MLP "
-                 f"{[b['mlp_dim'] for b in plan['blocks']]})" if plan["blocks"] else "")
-    scope = " [widths per block decided by importance]" if args.width_scope == "global" else ""
-    print(f"plan: transformer {before['transformer']:,} -> {plan['params_after']:,} parameters{structure}{scope}; "
-          f"VAE {before['vae']:,} -> {vae_params:,}", file=sys.stderr)
+    after = predicted["params_after"] + predicted["vae_params_after"]
+    structure = (f" ({len(predicted['blocks'])} blocks; heads {[b['heads'] for b in predicted['blocks']]}; MLP "
+                 f"{[b['mlp_dim'] for b in predicted['blocks']]})" if predicted["blocks"] else "")
+    print(f"plan: {', '.join(plan['steps'])}\n  student {before['total']:,} -> {after:,} parameters "
+          f"({after / before['total']:.3f}); transformer {before['transformer']:,} -> {predicted['params_after']:,}"
+          f"{structure}; VAE {before['vae']:,} -> {predicted['vae_params_after']:,}\n  recovery {recover_steps} "
+          f"steps; depth method {args.method}; importance {args.importance} ({args.width_scope}); seed {args.seed}",
+          file=sys.stderr)
     if args.dry_run:
-        ratio = (plan["params_after"] + vae_params) / before["total"]
-        print(f"dry run: student {before['total']:,} -> {plan['params_after'] + vae_params:,} parameters "
-              f"({ratio:.3f} of the original); nothing written", file=sys.stderr)
-        return {"plan": plan, "params_before": before}
+        print("dry run: nothing written", file=sys.stderr)
+        return {"plan": plan, "predicted": predicted, "params_before": before}
 
-    decisions: list[dict] = []
-    calibration = None
-    student = original
-    for step in args.steps:
-        started = time.perf_counter()
-        record: dict = {"step": str(step)}
-        params_before = sum(p.numel() for p in student.transformer.parameters())
-        vae_before = sum(p.numel() for p in student.vae.parameters())
-        if step.name in VAE_STEPS:
-            from compress.prune.vae import prune_vae_channels, remove_vae_attention
-
-            vae = prune_vae_channels(student.vae, step.ratio) if step.name == "vae" else remove_vae_attention(student.vae)
-            student = replace_vae(student, vae)
-            record["vae_block_out_channels"] = list(vae.config.block_out_channels)
-            record["vae_mid_block_attention"] = bool(vae.config.mid_block_add_attention)
-            print(f"{step}: VAE widths {list(vae.config.block_out_channels)}, mid-block attention "
-                  f"{'kept' if vae.config.mid_block_add_attention else 'removed'}", file=sys.stderr)
-        elif step.name == "precache":
-            student = precache(student)
-            record["note"] = "lossless: timestep/pooled embedding, adaLN modulation of both streams, final norm " \
-                             "modulation and context-embedder output folded into buffers"
-        elif step.name == "textless":
-            student = replace_transformer(student, remove_text_stream(student.transformer))
-        elif step.name == "depth":
-            from compress.prune.depth import choose_depth, describe_kept, keep_blocks
-
-            if calibration is None:
-                calibration = calibration_pairs(args.calibration_images, args.seed)
-            options, bar = {}, None
-            if args.method == "learnable":
-                from tqdm import tqdm
-
-                bar = tqdm(total=args.search_steps, desc="depth search", unit="step", file=sys.stderr,
-                           mininterval=0.5 if sys.stderr.isatty() else 15.0)
-                options = {"steps": args.search_steps, "batch_size": args.batch_size, "hr_size": args.hr_size,
-                           "progress": bar.update}
-            decision = choose_depth(args.method, student, [lr for lr, _ in calibration], step.ratio, args.seed,
-                                    **options)
-            if bar is not None:
-                bar.close()
-            count = len(student.transformer.transformer_blocks)
-            print(f"depth ({args.method}): {describe_kept(decision.kept, count)}", file=sys.stderr)
-            student = replace_transformer(student, keep_blocks(student.transformer, decision.kept))
-            record["decision"] = decision.to_json()
-        else:  # heads / mlp
-            from compress.prune.heads import prune_widths
-
-            ratio_key = "head_ratio" if step.name == "heads" else "mlp_ratio"
-            loss = None
-            if args.importance == "taylor":
-                if calibration is None:
-                    calibration = calibration_pairs(args.calibration_images, args.seed)
-                loss = taylor_loss_fn(student, calibration)
-            transformer, width = prune_widths(student.transformer, importance=args.importance, scope=args.width_scope,
-                                              round_to=args.round_to, calibration_loss=loss,
-                                              **{ratio_key: step.ratio})
-            if min(width.heads_after) < 1:
-                raise ValueError(f"--steps {step}: --width-scope global removed every head of a block; lower the "
-                                 "ratio or use --width-scope uniform")
-            student = replace_transformer(student, transformer)
-            record["decision"] = width.to_json()
-            print(f"{step.name}: heads {width.heads_after}, MLP {width.mlp_after}", file=sys.stderr)
-        record["transformer_params"] = {"before": params_before,
-                                        "after": sum(p.numel() for p in student.transformer.parameters())}
-        record["vae_params"] = {"before": vae_before, "after": sum(p.numel() for p in student.vae.parameters())}
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        decisions.append(record)
+    pruned_dir = work / "pruned"
+    if args.resume and (pruned_dir / "decisions.json").is_file():
+        student = OneStepSR.from_pretrained(pruned_dir)
+        decisions = json.loads((pruned_dir / "decisions.json").read_text())
+        print(f"resume: pruned student read from {pruned_dir}", file=sys.stderr)
+    else:
+        if recover_steps:  # only a run with recovery is long enough to resume
+            work.mkdir(parents=True, exist_ok=True)
+            write_json(work / PLAN_NAME, plan)
+        student, decisions = original, []
+        for step in args.steps:
+            student, record = apply_step(student, step, args, calibration)
+            decisions.append(record)
+        if recover_steps:  # what a resume starts from (the steps are deterministic, but may take long)
+            shutil.rmtree(pruned_dir, ignore_errors=True)
+            student.save_pretrained(pruned_dir)
+            write_json(pruned_dir / "decisions.json", decisions)
 
     recovery_log = []
-    if args.recover_steps:
+    if recover_steps:
         from compress.prune.recover import recover
+        from compress.training import list_checkpoints
 
         student = replace_transformer(student, copy.deepcopy(student.transformer))
         if student.vae is not original.vae:
             student = replace_vae(student, copy.deepcopy(student.vae))
-        recovery_log = recover(student, original, args.recover_steps, lr=args.recover_lr, batch_size=args.batch_size,
-                               hr_size=args.hr_size, seed=args.seed)
+        print(f"recover: {recover_steps} steps (checkpoint every {args.checkpoint_every}; --resume continues an "
+              "interrupted run)", file=sys.stderr)
+        recovery_log = recover(student, original, recover_steps, lr=args.recover_lr, batch_size=args.batch_size,
+                               hr_size=args.hr_size, seed=args.seed, run_dir=work / "recovery", resume=args.resume
+                               and bool(list_checkpoints(work / "recovery")), checkpoint_every=args.checkpoint_every,
+                               train_vae=any(s.name in VAE_STEPS for s in args.steps))
     student.eval()
+    print("measure: parameters, MACs, latency (side by side) and quality on the validation photos", file=sys.stderr)
     report = measure(original, student, args)
+    report["budget"] = check_budget(report["quality"], budget) if report["quality"] else {
+        "budget": budget["path"], "passed": True, "failed": [], "items": [], "note": "no quality metric measured"}
+    report["plan"] = plan
     report["steps"] = decisions
-    report["recovery"] = {"steps": args.recover_steps, "lr": args.recover_lr, "loss": "latent L1 to the uncompressed "
-                          "student (TinySR stage 1)", "log": recovery_log[:: max(1, len(recovery_log) // 50)]
-                          + recovery_log[-1:]}
+    report["recovery"] = {"steps": recover_steps, "lr": args.recover_lr,
+                          "loss": "transformer: latent L1 to the uncompressed student (TinySR stage 1); slimmed VAE: "
+                          "encoder latent L1, decoder pixel L1 + ST-LPIPS to the uncompressed decoder and to HR",
+                          "log": recovery_log[:: max(1, len(recovery_log) // 50)] + recovery_log[-1:]}
     report["model"] = loaded.description
     report["settings"] = {k: (v if not isinstance(v, tuple) else [str(x) for x in v]) for k, v in asdict(args).items()}
-    report["weights_sha256"] = weights_hash(student.transformer)
+    report["weights_sha256"] = {"transformer": weights_hash(student.transformer), "vae": weights_hash(student.vae)}
     save(student, output, report, decisions, args)
+    shutil.rmtree(work, ignore_errors=True)
     return report
 
 
@@ -292,11 +282,19 @@ def save(student: OneStepSR, output: Path, report: dict, decisions: list[dict], 
         student.save_pretrained(tmp / "model")
         write_json(tmp / "model" / DECISIONS_NAME, to_jsonable({"steps": decisions, "settings": report["settings"]}))
         write_json(tmp / REPORT_NAME, to_jsonable(report))
+        write_json(tmp / PLAN_NAME, to_jsonable(report["plan"]))
         (tmp / "report.md").write_text(markdown(report))
-    print(f"wrote {output}: transformer {report['params']['transformer']['before']:,} -> "
-          f"{report['params']['transformer']['after']:,} parameters; latency x{report['latency_ms']['speedup']:.2f} "
-          f"(transformer x{report['latency_ms']['transformer']['speedup']:.2f})",
-          file=sys.stderr)
+    params, macs, latency = report["params"], report["macs"], report["latency_ms"]
+    print(f"wrote {output}: student {params['before']:,} -> {params['after']:,} parameters ({params['ratio']:.3f}); "
+          f"MACs {macs['after'] / macs['before']:.3f}; latency {latency['before']:.0f} -> {latency['after']:.0f} ms "
+          f"(x{latency['speedup']:.2f}, {latency['input']})", file=sys.stderr)
+    quality = report.get("quality") or {}
+    for metric in quality.get("original_vs_hr", {}):
+        print(f"  {metric}: uncompressed {quality['original_vs_hr'][metric]:.4f}, compressed "
+              f"{quality['student_vs_hr'][metric]:.4f}, bicubic {quality['bicubic_vs_hr'][metric]:.4f}", file=sys.stderr)
+    verdict = report["budget"]
+    print(f"quality budget ({verdict['budget']}): " + ("passed" if verdict["passed"] else
+          "FAILED: " + "; ".join(verdict["failed"])), file=sys.stderr)
 
 
 def markdown(report: dict) -> str:
@@ -328,6 +326,23 @@ def markdown(report: dict) -> str:
         if quality.get("skipped"):
             lines += ["", f"Skipped metrics (their weights are not on this machine; prune_report.json says which files "
                       f"and where): {', '.join(quality['skipped'])}."]
+        lines.append("")
+    verdict = report.get("budget") or {}
+    if verdict.get("items"):
+        lines += [f"Quality budget ({Path(verdict['budget']).name}): **{'passed' if verdict['passed'] else 'failed'}**",
+                  "", "| item | status | measured |", "|---|---|---|"]
+        for item in verdict["items"]:
+            value = item.get("measured")
+            shown = f"{value:+.4f}" if value is not None else (
+                f"{item['student']:.4f} vs bicubic {item['bicubic']:.4f}" if "bicubic" in item else item.get("why", ""))
+            lines.append(f"| {item['item']} | {item['status']} | {shown} |")
+        lines.append("")
+    costs = (report.get("plan") or {}).get("costs")
+    if costs:
+        lines += [f"Plan for --target-params {report['plan']['target_params']:g}: {', '.join(report['plan']['steps'])} "
+                  f"(predicted {report['plan']['params']['predicted_ratio']:.4f}). Measured cost of each candidate "
+                  f"step alone ({report['plan']['cost_metric']}):", "", "| step | cost | seconds |", "|---|---|---|"]
+        lines += [f"| {step} | {value['cost']:.4f} | {value['seconds']} |" for step, value in costs.items()]
         lines.append("")
     lines += ["## Steps", ""]
     for step in report["steps"]:
