@@ -445,7 +445,7 @@ class DistillRecipe:
                 row = {"step": self.state.step, "seconds": round(self.state.seconds, 3), **logs}
                 self.state.history.append(row)
                 self.log.append([row])
-                bar.set_postfix(loss=f"{logs['total']:.4f}")
+                bar.set_postfix(loss=f"{logs['total']:.4f}", refresh=False)
             bar.update(1)
             if self.state.step % self.cfg.train.checkpoint_every == 0 or self.state.step == self.stop_at:
                 self._save_checkpoint()

@@ -11,8 +11,8 @@ compress.prune.importance (the step alone, ST-LPIPS to the uncompressed output o
 interpolated linearly between the measured levels. The search is greedy on the marginal cost per parameter
 removed: from the pre-cached student it repeatedly takes the family whose next level costs least per
 parameter it removes, until the student is within TOLERANCE of the target; a move that lands inside the
-window is preferred when one exists, and if the last move overshot, levels whose removal cost most per
-parameter are given back while the student stays under the window's top.
+window is preferred when one exists, then moves that do not overshoot it, and if the last move overshot,
+levels whose removal cost most per parameter are given back while the student stays under the window's top.
 """
 
 from __future__ import annotations
@@ -335,7 +335,8 @@ def search(families: list[Family], costs: dict[str, dict], counter: ParamCounter
         if not options:
             break
         landing = [o for o in options if low <= counter(o[2]) <= high]
-        rate, f, trial, saved, extra = min(landing or options, key=lambda o: o[0])  # ties: family order
+        short = [o for o in options if counter(o[2]) >= low]  # moves that do not overshoot the window
+        rate, f, trial, saved, extra = min(landing or short or options, key=lambda o: o[0])  # ties: family order
         levels = trial
         moves.append({"move": str(f.levels[trial[f.name] - 1]), "cost_per_million_params": rate * 1e6,
                       "params_after": counter(levels)})

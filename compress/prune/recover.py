@@ -104,7 +104,7 @@ def recover(
         schedule.step()
         log.append({"step": step + 1, "loss": loss.item(), **parts, "lr": optimizer.param_groups[0]["lr"],
                     "seconds": time.perf_counter() - began})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update(1)
         done = step + 1
         if checkpoints is not None and (done % checkpoint_every == 0) and done < steps:

@@ -129,7 +129,7 @@ def finetune_decoder(out: Path | str, config: DecoderConfig | None = None, resta
                "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3)}
         run.log_row(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr_rgb_train']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr_rgb_train']:.2f}", refresh=False)
         if (step + 1) % config.val_every == 0:
             val = reconstruction_psnr(vae, val_images, config.device)
             val_log.append({"step": step + 1, **val})

@@ -383,7 +383,7 @@ def train_prior(out: Path | str, config: PriorConfig | None = None, restart: boo
                "grad_norm": float(grad_norm), "lr": lr_now, "seconds": round(seconds, 3)}
         run.log_row(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
             run.save(done, seconds=seconds, settings=settings, scaling_factor=scaling)

@@ -219,7 +219,7 @@ def train_vae(out: Path | str, config: VAEConfig | None = None, restart: bool = 
         }
         run.log_row(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr_rgb_train']:.2f}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr_rgb_train']:.2f}", refresh=False)
         done = step + 1
         if done % config.val_every == 0 and done < config.steps:
             val = reconstruction_psnr(vae, val_images, config.device)
