@@ -204,3 +204,14 @@ def test_an_interrupted_recovery_resumes_to_the_same_weights(tmp_path, monkeypat
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     assert [row["loss"] for row in resumed["recovery"]["log"]] == [row["loss"] for row in whole["recovery"]["log"]]
     assert not (tmp_path / "cut.partial").exists()
+
+
+def test_the_run_folder_itself_loads_as_a_model_for_upscale(target_runs, tmp_path, capsys):
+    from compress.__main__ import main
+    from compress.models.resolve import load_model
+
+    root = target_runs[0]
+    assert load_model(str(root / "a")).description == f"saved student {root / 'a' / 'model'}"
+    sample = Path(__file__).resolve().parents[1] / "compress" / "assets" / "samples" / "astronaut_lr.png"
+    assert main(["upscale", str(sample), "--model", str(root / "a"), "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "astronaut_lr.png").is_file()

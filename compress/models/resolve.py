@@ -5,6 +5,7 @@ Accepted values:
                          with random weights (announced as such: its output is not a real upscale);
   preset:NAME[@SEED]     a geometry preset with random weights (structure and speed checks);
   a folder with student_config.json          a model saved by this toolkit;
+  a run folder with model/student_config.json   the model a `prune` or `distill train` run wrote (OUT/model);
   a TSD-SR release root (checkpoint/tsdsr/, dataset/default/)   loaded through the release loader,
                          with the SD3 base in ROOT/base, ROOT/stable-diffusion-3-medium-diffusers or --base-model.
 """
@@ -78,6 +79,8 @@ def load_model(
             f"--model {spec_text}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
             "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
         )
+    if not (path / STUDENT_CONFIG_NAME).is_file() and (path / "model" / STUDENT_CONFIG_NAME).is_file():
+        path = path / "model"  # a run folder (prune's or distill's OUT): its model
     if (path / STUDENT_CONFIG_NAME).is_file():
         model = OneStepSR.from_pretrained(path, device=device, dtype=dtype)
         model.settings.sample_posterior = sample_posterior or model.settings.sample_posterior

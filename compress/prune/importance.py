@@ -10,6 +10,7 @@ so it ranks what a step breaks, not what training gives back. Steps are assumed 
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -47,6 +48,7 @@ def measure_step_costs(student: OneStepSR, candidates: list[Step], args: PruneAr
             values = [float(score(variant(lr).float().clamp(0, 1), ref).mean()) for lr, ref in zip(inputs, reference)]
         costs[str(step)] = {"cost": sum(values) / len(values), "seconds": round(time.perf_counter() - began, 2)}
         del variant
+        gc.collect()  # Torch-Pruning's dependency graph is a reference cycle: free the variant before the next
         if progress:
             done = index + 1
             eta = (time.perf_counter() - started) / done * (len(candidates) - done)

@@ -17,6 +17,7 @@ checkpoints) lives in OUT.partial/ until the run completes; `--resume` continues
 from __future__ import annotations
 
 import copy
+import gc
 import hashlib
 import json
 import shutil
@@ -157,6 +158,7 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
         for step in args.steps:
             student, record = apply_step(student, step, args, calibration)
             decisions.append(record)
+            gc.collect()  # intermediate students (Torch-Pruning leaves reference cycles) go before the next step
         if recover_steps:  # what a resume starts from (the steps are deterministic, but may take long)
             shutil.rmtree(pruned_dir, ignore_errors=True)
             student.save_pretrained(pruned_dir)
