@@ -215,3 +215,15 @@ def test_the_run_folder_itself_loads_as_a_model_for_upscale(target_runs, tmp_pat
     sample = Path(__file__).resolve().parents[1] / "compress" / "assets" / "samples" / "astronaut_lr.png"
     assert main(["upscale", str(sample), "--model", str(root / "a"), "-o", str(tmp_path)]) == 0
     assert (tmp_path / "astronaut_lr.png").is_file()
+
+
+def test_a_new_run_ignores_a_stale_partial_folder(tmp_path):
+    from compress.prune.run import prune
+
+    stale = tmp_path / "out.partial" / "recovery" / "checkpoints" / "step-0000099"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text('{"step": 99, "log": []}')
+    report = prune("preset:tiny", tmp_path / "out", PruneArgs(steps="depth:0.5", recover_steps=2, checkpoint_every=1,
+                                                              **TARGET_RUN))
+    assert [row["step"] for row in report["recovery"]["log"]] == [1, 2]
+    assert (tmp_path / "out" / "prune_report.json").is_file() and not (tmp_path / "out.partial").exists()

@@ -152,7 +152,8 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
         print(f"resume: pruned student read from {pruned_dir}", file=sys.stderr)
     else:
         if recover_steps:  # only a run with recovery is long enough to resume
-            work.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(work, ignore_errors=True)  # a stale OUT.partial (not resumed) must not be mixed in
+            work.mkdir(parents=True)
             write_json(work / PLAN_NAME, plan)
         student, decisions = original, []
         for step in args.steps:
@@ -188,13 +189,20 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
     report["recovery"] = {"steps": recover_steps, "lr": args.recover_lr,
                           "loss": "transformer: latent L1 to the uncompressed student (TinySR stage 1); slimmed VAE: "
                           "encoder latent L1, decoder pixel L1 + ST-LPIPS to the uncompressed decoder and to HR",
-                          "log": recovery_log[:: max(1, len(recovery_log) // 50)] + recovery_log[-1:]}
+                          "log": _thinned(recovery_log, 50)}
     report["model"] = loaded.description
     report["settings"] = {k: (v if not isinstance(v, tuple) else [str(x) for x in v]) for k, v in asdict(args).items()}
     report["weights_sha256"] = {"transformer": weights_hash(student.transformer), "vae": weights_hash(student.vae)}
     save(student, output, report, decisions, args)
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _thinned(rows: list, count: int) -> list:
+    """About `count` evenly spaced rows, always with the last one (once)."""
+    every = max(1, len(rows) // count)
+    kept = rows[::every]
+    return kept + rows[-1:] if rows and (len(rows) - 1) % every else kept
 
 
 def side_by_side_ms(before, after, repeats: int, rounds: int = 3) -> dict:
