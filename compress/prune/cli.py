@@ -189,7 +189,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "prune",
         help="compress the student to a parameter target (or by explicit steps): transformer and VAE",
-        description=__doc__.split("\n\n")[0] + "\n\nWrites OUT/model (a saved student), OUT/prune_report.json "
+        description=__doc__.split("\n\n")[0] + "\n\nWrites OUT/model (a saved student), OUT/plan.json, OUT/prune_report.json "
         "and OUT/report.md.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
