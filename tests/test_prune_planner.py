@@ -227,3 +227,19 @@ def test_a_new_run_ignores_a_stale_partial_folder(tmp_path):
                                                               **TARGET_RUN))
     assert [row["step"] for row in report["recovery"]["log"]] == [1, 2]
     assert (tmp_path / "out" / "prune_report.json").is_file() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_non_finite_compressed_student_is_an_error_and_nothing_is_written(tmp_path, monkeypatch):
+    from compress.prune import run
+
+    real_measure = run.measure
+
+    def poisoned(original, student, args):
+        with torch.no_grad():
+            student.transformer.proj_out.bias.fill_(float("nan"))
+        return real_measure(original, student, args)
+
+    monkeypatch.setattr(run, "measure", poisoned)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        run.prune("preset:tiny", tmp_path / "out", PruneArgs(steps="depth:0.5", recover_steps=0, **TARGET_RUN))
+    assert not (tmp_path / "out").exists()

@@ -46,7 +46,10 @@ def measure_step_costs(student: OneStepSR, candidates: list[Step], args: PruneAr
         variant.eval()
         with torch.no_grad():
             values = [float(score(variant(lr).float().clamp(0, 1), ref).mean()) for lr, ref in zip(inputs, reference)]
-        costs[str(step)] = {"cost": sum(values) / len(values), "seconds": round(time.perf_counter() - began, 2)}
+        cost = sum(values) / len(values)
+        if not torch.isfinite(torch.tensor(cost)):  # a NaN cost would silently reorder the plan
+            raise FloatingPointError(f"measuring {step}: the student's output with this step is not finite")
+        costs[str(step)] = {"cost": cost, "seconds": round(time.perf_counter() - began, 2)}
         del variant
         gc.collect()  # Torch-Pruning's dependency graph is a reference cycle: free the variant before the next
         if progress:

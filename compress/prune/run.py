@@ -198,6 +198,16 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
     return report
 
 
+def check_output(student: OneStepSR, lr: torch.Tensor) -> None:
+    """A compressed student whose output is not finite, or constant, is an error, never a result."""
+    image = student(lr)
+    if not torch.isfinite(image).all():
+        raise FloatingPointError("the compressed student's output has NaN or inf values; nothing written (lower "
+                                 "--recover-lr, or check the steps with --recover-steps 0)")
+    if float(image.std()) == 0.0:
+        raise FloatingPointError("the compressed student's output is a constant image; nothing written")
+
+
 def _thinned(rows: list, count: int) -> list:
     """About `count` evenly spaced rows, always with the last one (once)."""
     every = max(1, len(rows) // count)
@@ -226,6 +236,7 @@ def measure(original: OneStepSR, student: OneStepSR, args: PruneArgs) -> dict:
     from compress.quality.cost import count_macs, machine_info
 
     lr = torch.rand(1, 3, args.latency_size, args.latency_size, generator=torch.Generator().manual_seed(0))
+    check_output(student, lr)
     before, after = student_params(original), student_params(student)
     macs = {"before": count_macs(original, lr), "after": count_macs(student, lr)}
     latency = side_by_side_ms(lambda: original(lr), lambda: student(lr), repeats=2)
