@@ -11,6 +11,7 @@ so it ranks what a step breaks, not what training gives back. Steps are assumed 
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import time
 
@@ -47,7 +48,7 @@ def measure_step_costs(student: OneStepSR, candidates: list[Step], args: PruneAr
         with torch.no_grad():
             values = [float(score(variant(lr).float().clamp(0, 1), ref).mean()) for lr, ref in zip(inputs, reference)]
         cost = sum(values) / len(values)
-        if not torch.isfinite(torch.tensor(cost)):  # a NaN cost would silently reorder the plan
+        if not math.isfinite(cost):  # a NaN cost would silently reorder the plan
             raise FloatingPointError(f"measuring {step}: the student's output with this step is not finite")
         costs[str(step)] = {"cost": cost, "seconds": round(time.perf_counter() - began, 2)}
         del variant

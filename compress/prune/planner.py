@@ -163,12 +163,9 @@ def predict(transformer, steps: tuple[Step, ...], round_to: int = 8, method: str
     else:
         blocks, params_after = [], sum(p.numel() for p in transformer.parameters())
     result = {"blocks": blocks, "params_after": params_after}
-    if vae is not None:
-        from compress.prune.vae import check_vae_ratio, predict_vae_params
+    if vae is not None:  # predict_vae_params refuses impossible VAE steps, naming the allowed values
+        from compress.prune.vae import predict_vae_params
 
-        for step in vae_steps:
-            if step.name == "vae":
-                check_vae_ratio(vae, step.ratio)
         result["vae_params_after"] = predict_vae_params(vae, vae_steps)
     return result
 
@@ -180,8 +177,6 @@ def block_dicts_of(config: dict) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- target search
 TOLERANCE = 0.02  # the achieved fraction is within +-2 % of the target fraction
-TRANSFORMER_FAMILIES = ("textless", "depth", "heads", "mlp")
-VAE_FAMILIES = ("vae-attn", "vae-encoder", "vae-decoder", "separable-encoder", "separable-decoder")
 MEASURED_FRACTIONS = (0.25, 0.5, 0.75)  # the levels whose cost is measured; the others are interpolated
 MLP_LEVELS = 32
 
@@ -250,8 +245,8 @@ def candidate_families(transformer, vae, round_to: int = 8, method: str = "sensi
     if vae is not None and type(vae).__name__ == "AutoencoderKL":
         if vae.config.get("mid_block_add_attention", True):
             families.append(Family("vae-attn", [Step("vae-attn")], [1.0]))
-        ratios = allowed_vae_ratios(vae)
         for side in ("encoder", "decoder"):
+            ratios = allowed_vae_ratios(vae, side)
             if ratios:
                 families.append(Family(f"vae-{side}", [Step(f"vae-{side}", r) for r in ratios], list(ratios)))
         for side in ("encoder", "decoder"):
@@ -281,15 +276,14 @@ class ParamCounter:
         return (Step("precache"), *chosen)
 
     def __call__(self, levels: dict[str, int]) -> int:
+        from compress.prune.cli import VAE_STEPS
         from compress.prune.vae import predict_vae_params
 
         steps = self.steps(levels)
-        t_steps = tuple(s for s in steps if s.name not in VAE_FAMILIES)
-        v_steps = tuple(s for s in steps if s.name in VAE_FAMILIES)
+        t_steps = tuple(s for s in steps if s.name not in VAE_STEPS)
+        v_steps = tuple(s for s in steps if s.name in VAE_STEPS)
         if t_steps not in self._transformer:
-            config = compact_config_of(self.transformer)
-            blocks = predict_blocks(block_dicts_of(config), t_steps, self.round_to, self.method)
-            self._transformer[t_steps] = count_compact_params({**config, "blocks": blocks})
+            self._transformer[t_steps] = predict(self.transformer, t_steps, self.round_to, self.method)["params_after"]
         if v_steps not in self._vae:
             self._vae[v_steps] = predict_vae_params(self.vae, v_steps)
         return self._transformer[t_steps] + self._vae[v_steps]

@@ -80,9 +80,7 @@ def make_plan(original: OneStepSR, args: PruneArgs, calibration: Calibration) ->
     from compress.prune import planner
 
     if args.plan is not None:
-        plan = read_plan(args.plan)
-        for key in PLAN_SETTINGS:
-            setattr(args, key, plan["settings"][key])
+        plan = adopt_plan(args, read_plan(args.plan))
         print(f"plan: replaying {args.plan}", file=sys.stderr)
     elif args.target_params is not None:
         print(f"plan: measuring every candidate step alone on {args.calibration_images} calibration crops "
@@ -91,6 +89,13 @@ def make_plan(original: OneStepSR, args: PruneArgs, calibration: Calibration) ->
     else:
         plan = {"steps": [str(s) for s in args.steps]}
     plan["settings"] = {key: getattr(args, key) for key in PLAN_SETTINGS}
+    return adopt_plan(args, plan)
+
+
+def adopt_plan(args: PruneArgs, plan: dict) -> dict:
+    """Set `args`' steps and deciding settings to the plan's (a replay or a resume runs exactly the plan)."""
+    for key in PLAN_SETTINGS:
+        setattr(args, key, plan["settings"][key])
     args.steps = parse_steps(tuple(plan["steps"]))
     return plan
 
@@ -122,10 +127,7 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
     if args.resume:
         if work is None or not (work / PLAN_NAME).is_file():
             raise FileNotFoundError(f"--resume: nothing to resume at {work} (no {PLAN_NAME}); run without --resume")
-        plan = read_plan(work / PLAN_NAME)
-        for key in PLAN_SETTINGS:
-            setattr(args, key, plan["settings"][key])
-        args.steps = parse_steps(tuple(plan["steps"]))
+        plan = adopt_plan(args, read_plan(work / PLAN_NAME))
     else:
         if any(s.name not in VAE_STEPS for s in (args.steps or ())) or args.target_params is not None:
             check_precachable(original.transformer)
@@ -240,7 +242,7 @@ def measure(original: OneStepSR, student: OneStepSR, args: PruneArgs) -> dict:
     before, after = student_params(original), student_params(student)
     macs = {"before": count_macs(original, lr), "after": count_macs(student, lr)}
     latency = side_by_side_ms(lambda: original(lr), lambda: student(lr), repeats=2)
-    # The transformer alone, on the latent of the same input: where pruning acts (the VAE is the next issue's).
+    # The transformer alone, on the latent of the same input: what the transformer steps changed.
     latent = original.encode(original.preprocess(lr))
     transformer_macs = {"before": count_macs(original.velocity, latent), "after": count_macs(student.velocity, latent)}
     transformer_latency = side_by_side_ms(lambda: original.velocity(latent), lambda: student.velocity(latent),

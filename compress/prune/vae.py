@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from compress.models.compact_vae import SIDES, CompactAutoencoder, separable_conv_names
+from compress.prune.cli import VAE_STEPS, Step
 
 CHANNEL_STEPS = ("vae", "vae-encoder", "vae-decoder", "narrow-encoder", "narrow-decoder")
-VAE_STEP_NAMES = CHANNEL_STEPS + ("vae-attn", "separable-encoder", "separable-decoder")
 ORDER_HINT = "put vae-*/narrow-* steps before separable-*"
 
 
@@ -181,7 +181,7 @@ def _next_config(config: dict, step) -> dict:
         return {**config, "encoder_mid_block_attention": False, "decoder_mid_block_attention": False}
     if name in ("separable-encoder", "separable-decoder"):
         return {**config, f"{side}_separable": True}
-    raise ValueError(f"--steps {step}: not a VAE step; VAE steps are {', '.join(VAE_STEP_NAMES)}")
+    raise ValueError(f"--steps {step}: not a VAE step; VAE steps are {', '.join(VAE_STEPS)}")
 
 
 def plan_vae_configs(vae: nn.Module, steps) -> list[dict]:
@@ -189,7 +189,7 @@ def plan_vae_configs(vae: nn.Module, steps) -> list[dict]:
     config = compact_config(vae)
     configs = []
     for step in steps:
-        if step.name in VAE_STEP_NAMES:
+        if step.name in VAE_STEPS:
             config = _next_config(config, step)
             configs.append(config)
     return configs
@@ -257,16 +257,8 @@ def prune_vae_channels(vae: nn.Module, ratio: float, importance: str = "magnitud
     if importance != "magnitude":
         raise ValueError("VAE channel importance is by magnitude (Taylor needs the VAE's own recovery loss)")
     config = compact_config(vae)
-    target = _next_config(config, _Step("vae", ratio))
+    target = _next_config(config, Step("vae", ratio))
     return _prune_channels(vae, target, SIDES, stock=not _is_compact(vae))
-
-
-class _Step:
-    def __init__(self, name: str, ratio: float | None = None):
-        self.name, self.ratio = name, ratio
-
-    def __str__(self) -> str:
-        return self.name if self.ratio is None else f"{self.name}:{self.ratio:g}"
 
 
 def _out_channels(module: nn.Module) -> int | None:
@@ -353,7 +345,7 @@ def remove_vae_attention(vae: nn.Module) -> nn.Module:
         config = compact_config(vae)
         if not (config["encoder_mid_block_attention"] or config["decoder_mid_block_attention"]):
             return vae
-        slim = CompactAutoencoder.from_config(_next_config(config, _Step("vae-attn")))
+        slim = CompactAutoencoder.from_config(_next_config(config, Step("vae-attn")))
     else:
         autoencoder = _diffusers_vae(vae)
         if not vae.config.get("mid_block_add_attention", True):
@@ -392,7 +384,7 @@ def make_separable(vae: nn.Module, side: str) -> nn.Module:
     config = compact_config(vae)
     if config[f"{side}_separable"]:
         return vae
-    slim = CompactAutoencoder.from_config(_next_config(config, _Step(f"separable-{side}")))
+    slim = CompactAutoencoder.from_config(_next_config(config, Step(f"separable-{side}")))
     state = dict(vae.state_dict())
     for name in separable_conv_names(getattr(vae, side)):
         prefix = f"{side}.{name}"
