@@ -5,6 +5,9 @@
     stlpips = { rise = 0.03 }   # lower is better: it may gain at most 0.03
     [beat_bicubic]
     metrics = ["stlpips"]       # and must still beat bicubic upsampling on these
+    [parity]                    # export only: runtime output vs PyTorch output, PSNR floor in dB
+    fp32 = 40.0
+    fp16 = 35.0
 
 `check_budget` compares the mean scores of a quality table ({"student_vs_hr", "original_vs_hr",
 "bicubic_vs_hr", "higher_is_better"}, as compress.prune.run.quality writes it) with a budget and lists every
@@ -23,22 +26,27 @@ BUDGET_EXIT_CODE = 3
 DEFAULT_BUDGET_NAME = "default.toml"
 
 
-def default_budget_path() -> Path:
-    return Path(str(resources.files("compress") / "assets" / "budgets" / DEFAULT_BUDGET_NAME))
+def default_budget_path(name: str = DEFAULT_BUDGET_NAME) -> Path:
+    return Path(str(resources.files("compress") / "assets" / "budgets" / name))
 
 
-def load_budget(path: Path | str | None = None) -> dict:
-    """The budget at `path` (None: the default one), checked: unknown keys and bad values name the file."""
-    path = Path(path) if path is not None else default_budget_path()
+def load_budget(path: Path | str | None = None, default_name: str = DEFAULT_BUDGET_NAME) -> dict:
+    """The budget at `path` (None: the shipped `default_name`), checked: unknown keys and bad values name the file."""
+    path = Path(path) if path is not None else default_budget_path(default_name)
     if not path.is_file():
-        raise FileNotFoundError(f"--budget {path}: no such file (the default is {default_budget_path()})")
+        raise FileNotFoundError(f"--budget {path}: no such file (the default is {default_budget_path(default_name)})")
     try:
         budget = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"--budget {path}: not valid TOML ({error})") from None
-    unknown = sorted(set(budget) - {"limits", "beat_bicubic"})
+    unknown = sorted(set(budget) - {"limits", "beat_bicubic", "parity"})
     if unknown:
-        raise ValueError(f"--budget {path}: unknown sections {unknown}; allowed: [limits], [beat_bicubic]")
+        raise ValueError(f"--budget {path}: unknown sections {unknown}; allowed: [limits], [beat_bicubic], [parity]")
+    parity = budget.get("parity", {})
+    for precision, floor in parity.items():
+        if precision not in ("fp32", "fp16") or not isinstance(floor, (int, float)) or floor <= 0:
+            raise ValueError(f"--budget {path}: parity.{precision} must be fp32 or fp16 = a PSNR floor in dB > 0, "
+                             f"got {floor!r}")
     for metric, limit in budget.get("limits", {}).items():
         if not isinstance(limit, dict) or len(limit) != 1 or next(iter(limit)) not in ("drop", "rise"):
             raise ValueError(f"--budget {path}: limits.{metric} must be {{ drop = X }} or {{ rise = X }}, got {limit!r}")
@@ -48,7 +56,7 @@ def load_budget(path: Path | str | None = None) -> dict:
     metrics = budget.get("beat_bicubic", {}).get("metrics", [])
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise ValueError(f"--budget {path}: beat_bicubic.metrics must be a list of metric names")
-    return {"path": str(path), "limits": budget.get("limits", {}), "beat_bicubic": metrics}
+    return {"path": str(path), "limits": budget.get("limits", {}), "beat_bicubic": metrics, "parity": parity}
 
 
 def check_budget(quality: dict, budget: dict) -> dict:

@@ -86,6 +86,19 @@ def _stage_bar(desc: str, total: int, enabled: bool) -> Iterator[Callable[[int],
         yield bar.update
 
 
+def check_whole_image(model, lr: torch.Tensor) -> None:
+    """Refuse an image too large for one untiled transformer call (SD3's position table), naming the fix."""
+    side = model.max_latent_side
+    multiple, scale, down = model.pixel_multiple, model.settings.upscale, model.vae_downsample
+    latent = [-(-lr.shape[i] * scale // multiple) * multiple // down for i in (-2, -1)]
+    if side is not None and max(latent) > side:
+        raise ValueError(
+            f"a {lr.shape[-2] * scale}x{lr.shape[-1] * scale} output needs a {latent[0]}x{latent[1]} latent, larger "
+            f"than the transformer's position table ({side}); export the model with --components so the "
+            "transformer can be tiled"
+        )
+
+
 @torch.no_grad()
 def upscale_tensor(
     model: OneStepSR,
@@ -105,8 +118,12 @@ def upscale_tensor(
 
     tiles = tiles or TileSettings()
     lr_size = tuple(lr.shape[-2:])
+    if not getattr(model, "has_stages", True):  # a runtime artifact with only its end-to-end graph
+        check_whole_image(model, lr)
+        return apply_color_fix(color_fix, model(lr).float().clamp_(0.0, 1.0), lr)
     image = model.preprocess(lr)
-    vae_tiling = None if tiles.mode == "off" else tiles.vae
+    # Bounded-memory VAE tiling walks PyTorch modules; a runtime artifact runs its VAE graphs whole.
+    vae_tiling = None if tiles.mode == "off" or not getattr(model, "supports_vae_tiling", True) else tiles.vae
     height, width = image.shape[-2:]
     vae_tiles = tile_count(height, width, vae_tiling) if vae_tiling is not None and vae_tiling.applies(height, width) else 0
     with _stage_bar("VAE encoder", vae_tiles, progress) as step:

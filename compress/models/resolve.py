@@ -6,6 +6,7 @@ Accepted values:
   preset:NAME[@SEED]     a geometry preset with random weights (structure and speed checks);
   a folder with student_config.json          a model saved by this toolkit;
   a run folder with model/student_config.json   the model a `prune` or `distill train` run wrote (OUT/model);
+  an exported ONNX artifact folder (manifest.json; `python -m export onnx`), run by ONNX Runtime;
   a TSD-SR release root (checkpoint/tsdsr/, dataset/default/)   loaded through the release loader,
                          with the SD3 base in ROOT/base, ROOT/stable-diffusion-3-medium-diffusers or --base-model.
 """
@@ -79,6 +80,22 @@ def load_model(
             f"--model {spec_text}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
             "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
         )
+    from compress.runtime.manifest import MANIFEST_NAME, is_artifact
+
+    if (path / MANIFEST_NAME).is_file() and not (path / STUDENT_CONFIG_NAME).is_file():
+        if not is_artifact(path):
+            from compress.runtime.manifest import read_manifest
+
+            read_manifest(path)  # raises the precise reason (damaged JSON, other format, newer version)
+        from compress.runtime.onnx import OnnxStudent
+
+        if device != "cpu" or dtype != torch.float32:
+            raise ModelLoadError(
+                f"--model {path} is an exported artifact: it runs on ONNX Runtime's CPU provider at the precision "
+                "it was exported with; drop --device/--dtype"
+            )
+        runtime = OnnxStudent(path)
+        return LoadedModel(runtime, runtime.describe(), False)
     if not (path / STUDENT_CONFIG_NAME).is_file() and (path / "model" / STUDENT_CONFIG_NAME).is_file():
         path = path / "model"  # a run folder (prune's or distill's OUT): its model
     if (path / STUDENT_CONFIG_NAME).is_file():

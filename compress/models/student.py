@@ -1,10 +1,12 @@
 """The TSD-SR one-step student as one module that owns its stages, and the project's own save/load format.
 
 Forward pass (TSD-SR, Wu et al., CVPR 2025, Sec. 3 and the official `test/test_tsdsr.py`): LR in [0, 1]
--> bicubic x4 -> [-1, 1] -> pad to the network stride (`preprocess`) -> z_L = scaling * E(x) (`encode`;
+-> pad to the network stride -> bicubic x4 -> [-1, 1] (`preprocess`) -> z_L = scaling * E(x) (`encode`;
 posterior mode by default, TSD-SR samples it, unseeded) -> v = transformer(z_L, t = 1000, fixed prompt)
 (`velocity`) -> z_H = z_L - v (flow matching, sigma = 1) -> D(z_H / scaling), clamped (`decode`) -> crop
-and map back to [0, 1] (`postprocess`). The VAE shift factor is never applied, as in TSD-SR.
+and map back to [0, 1] (`postprocess`). The VAE shift factor is never applied, as in TSD-SR. TSD-SR pads the
+upsampled image; here the LR image is padded (replicate) before upsampling, which changes only pixels of
+the padded margin that `postprocess` crops away, and keeps padding out of exported graphs.
 
 `preprocess`, `encode`, `velocity` and `decode` are the only way the toolkit reaches the two networks
 (whole-image upscaling, evaluation, distillation, export), so a transformer or VAE of another class, a
@@ -14,6 +16,7 @@ pruned or slimmed one, drops in through the class registry below and `student_co
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.models.bicubic import bicubic_upsample
 from compress.models.errors import ModelLoadError
 from compress.options import VAETiling
 
@@ -137,20 +141,35 @@ class OneStepSR(nn.Module):
         return self.eval()
 
     # -- the stages ------------------------------------------------------------------------------------
+    @property
+    def lr_multiple(self) -> int:
+        """Side lengths (in LR pixels) whose upscale is `pixel_multiple`-aligned: what `upsample` accepts."""
+        multiple, scale = self.pixel_multiple, self.settings.upscale
+        return multiple // math.gcd(multiple, scale)
+
+    def pad_lr(self, lr: torch.Tensor) -> torch.Tensor:
+        """Replicate-pad an LR batch bottom/right to `lr_multiple` (`postprocess` crops the output back).
+
+        Padding happens before the upsampling, outside what export turns into a graph, so an exported
+        graph takes exactly the sizes it declares and the runtime wrapper pads the same way as here.
+        """
+        return pad_to_multiple(lr, self.lr_multiple)
+
+    def upsample(self, lr: torch.Tensor) -> torch.Tensor:
+        """`lr_multiple`-aligned LR in [0, 1] -> bicubic x upscale in [-1, 1] (compress.models.bicubic: one
+        convolution that PyTorch, ONNX and Core ML all run)."""
+        lr = lr.to(device=self.device, dtype=self.dtype)
+        upsampled = bicubic_upsample(lr, self.settings.upscale)
+        if upsampled.requires_grad:
+            return (upsampled * 2.0 - 1.0).clamp(-1.0, 1.0)
+        return upsampled.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0)  # in place: a 6000x4000 image is 288 MB a copy
+
     def preprocess(self, lr: torch.Tensor) -> torch.Tensor:
-        """LR batch B x 3 x h x w in [0, 1] -> bicubic x4 in [-1, 1], replicate-padded to the network stride.
+        """LR batch B x 3 x h x w in [0, 1] -> padded to `lr_multiple`, bicubic x4, in [-1, 1].
 
         The output is `pixel_multiple`-aligned; `postprocess` crops it back to 4h x 4w.
         """
-        lr = lr.to(device=self.device, dtype=self.dtype)
-        scale = self.settings.upscale
-        size = (lr.shape[-2] * scale, lr.shape[-1] * scale)
-        upsampled = F.interpolate(lr, size=size, mode="bicubic", align_corners=False)
-        if upsampled.requires_grad:
-            image = (upsampled * 2.0 - 1.0).clamp(-1.0, 1.0)
-        else:  # the same arithmetic in place: a 6000x4000 image is 288 MB per copy
-            image = upsampled.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0)
-        return pad_to_multiple(image, self.pixel_multiple)
+        return self.upsample(self.pad_lr(lr))
 
     def encode(
         self,

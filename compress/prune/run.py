@@ -263,9 +263,14 @@ def measure(original: OneStepSR, student: OneStepSR, args: PruneArgs) -> dict:
     return report
 
 
-def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...]) -> dict:
+def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...], limit: int | None = None,
+            bicubic_metrics: tuple[str, ...] | None = None, compare_outputs: bool = True) -> dict:
     """Every requested metric of the student vs HR, of the uncompressed student vs HR, and of the student vs
-    the uncompressed student's output, on the validation photos (Real-ESRGAN degradation, 256 px, wavelet)."""
+    the uncompressed student's output, on the validation photos (Real-ESRGAN degradation, 256 px, wavelet).
+
+    `student` may be anything compress.pipeline.upscale_tensor runs (an exported artifact too). `limit`
+    scores the first N photos; `bicubic_metrics` restricts bicubic's row to those metrics (a budget only
+    compares bicubic on its beat_bicubic list); `compare_outputs=False` drops the student-vs-original row."""
     from compress.data.pairs import fixed_validation_pairs
     from compress.evaluate import DEFAULT_METRICS, build_scorers
     from compress.options import DEFAULT_COLOR_FIX, TileSettings
@@ -275,7 +280,7 @@ def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...]) -
         return {}
     names = DEFAULT_METRICS if metrics == ("all",) else metrics
     scorers, skipped = build_scorers(names, "cpu")
-    pairs = fixed_validation_pairs("realesrgan", hr_size=256)
+    pairs = fixed_validation_pairs("realesrgan", hr_size=256)[:limit]
     rows = {"student_vs_hr": [], "original_vs_hr": [], "bicubic_vs_hr": [], "student_vs_original": []}
     for _, lr, hr in pairs:
         lr, hr = lr[None], hr[None]
@@ -285,14 +290,19 @@ def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...]) -
         bicubic = _unit(torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False))
         for key, image, reference in (("student_vs_hr", ours, hr), ("original_vs_hr", theirs, hr),
                                       ("bicubic_vs_hr", bicubic, hr), ("student_vs_original", ours, theirs)):
+            if key == "student_vs_original" and not compare_outputs:
+                continue
             scores = {}
             for name, (kind, _, fn) in scorers.items():
                 if kind != "fr" and key == "student_vs_original":
                     continue  # a no-reference score does not compare two images
+                if key == "bicubic_vs_hr" and bicubic_metrics is not None and name not in bicubic_metrics:
+                    continue
                 value = fn(image, reference) if kind == "fr" else fn(image)
                 scores[name] = float(torch.as_tensor(value).float().mean())
             rows[key].append(scores)
-    means = {key: {m: sum(r[m] for r in values) / len(values) for m in values[0]} for key, values in rows.items()}
+    means = {key: {m: sum(r[m] for r in values) / len(values) for m in values[0]}
+             for key, values in rows.items() if values}
     return {**means, "higher_is_better": {m: hib for m, (_, hib, _) in scorers.items()}, "skipped": skipped,
             "images": len(pairs), "degradation": "realesrgan", "color_fix": DEFAULT_COLOR_FIX}
 

@@ -1,0 +1,254 @@
+"""Export recipes: build an artifact folder, validate it against a budget, write its manifest last.
+
+`export_onnx` and `export_coreml` work in a hidden temporary folder beside OUT (compress.io.atomic_dir):
+graphs, validation report, then manifest.json, then one rename. An interrupted or failed export leaves no
+OUT, so a folder named OUT with a manifest is always complete. `validate` re-checks any artifact: files
+against the manifest's sha256, the source student against its recorded weights hash, parity of every graph
+with PyTorch on real photos, and the quality budget on the validation photos.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from compress.budget import check_budget, load_budget
+from compress.io import atomic_dir, atomic_path, write_json
+from compress.models.student import OneStepSR
+from compress.runtime.manifest import (
+    ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_NAME, file_entries, read_manifest, verify_files,
+)
+from export.graphs import COMPONENT_NAMES, GRAPH_NAMES, graph_specs
+from export.parity import DEFAULT_PARITY_SIZES, PEAKS, parity_photos, parity_psnr, stage_inputs
+
+EXPORT_BUDGET_NAME = "export.toml"
+QUALITY_METRICS = ("psnr", "stlpips", "niqe")
+REPORT_FILES = ("report.json", "report.md")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tool_versions() -> dict:
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("tinysr-toolkit", "torch", "onnx", "onnxruntime", "coremltools", "numpy", "diffusers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def student_geometry(student: OneStepSR) -> dict:
+    return {
+        "upscale": student.settings.upscale, "lr_multiple": student.lr_multiple,
+        "pixel_multiple": student.pixel_multiple, "vae_downsample": student.vae_downsample,
+        "max_latent_side": student.max_latent_side, "latent_channels": int(student.vae.config.latent_channels),
+        "timestep": student.settings.timestep, "parameters": sum(p.numel() for p in student.parameters()),
+    }
+
+
+def source_record(model_arg: str | None, description: str, student: OneStepSR) -> dict:
+    from compress.prune.run import weights_hash
+
+    return {"model": model_arg, "description": description, "weights_sha256": weights_hash(student)}
+
+
+def clear_stale_temporaries(output: Path) -> None:
+    """Hidden temporary folders a killed export left beside OUT (atomic_dir names them .OUT.*.tmp)."""
+    for stale in output.parent.glob(f".{output.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# -- ONNX ------------------------------------------------------------------------------------------------
+def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, description: str,
+                precision: str = "fp32", opset: int = 17, components: bool = False, budget_path=None,
+                parity_sizes=DEFAULT_PARITY_SIZES, metrics=QUALITY_METRICS, overwrite: bool = False,
+                check_quality: bool = True, quality_images: int | None = None) -> dict:
+    """Write the ONNX artifact OUT (end-to-end graph, and the components with `components`), validated."""
+    from export.onnx import FP16_TRIAL_ORDER, run_onnx, save_optimized, to_fp16, trace_to_onnx
+
+    budget = load_budget(budget_path, EXPORT_BUDGET_NAME)
+    output = Path(output)
+    clear_stale_temporaries(output)
+    start = time.perf_counter()
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        protos, specs = {}, {spec.name: spec for spec in graph_specs(student, GRAPH_NAMES)}
+        for index, (name, spec) in enumerate(specs.items(), 1):
+            log(f"export [{index}/{len(specs)}] tracing {name} (opset {opset}) ...")
+            protos[name] = trace_to_onnx(spec, opset)
+        precisions = {name: "fp32" for name in GRAPH_NAMES}
+        fp16_trials = {}
+        if precision == "fp16":
+            floor = budget["parity"].get("fp16", 35.0)
+            photos = [stage_inputs(student, lr) for _, lr in parity_photos(parity_sizes)]
+            for name in FP16_TRIAL_ORDER:
+                candidate = to_fp16(protos[name])
+                worst = math.inf
+                for stages in photos:
+                    source, reference = stages[name]
+                    result = parity_psnr(run_onnx(candidate, source), reference.numpy(),
+                                         PEAKS.get(specs[name].output_name))
+                    worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
+                keep = worst >= floor
+                fp16_trials[name] = {"fp16_psnr_db": worst if math.isfinite(worst) else None,
+                                     "finite": worst != -math.inf, "floor_db": floor,
+                                     "precision": "fp16" if keep else "fp32"}
+                log(f"fp16 trial {name}: worst parity {worst:.1f} dB vs floor {floor} -> "
+                    f"{'fp16' if keep else 'kept fp32'}")
+                if keep:
+                    protos[name], precisions[name] = candidate, "fp16"
+            fp32_parts = tuple(name for name in COMPONENT_NAMES if precisions[name] == "fp32")
+            protos["end_to_end"] = to_fp16(protos["end_to_end"], fp32_parts)
+            precisions["end_to_end"] = "fp16" if not fp32_parts else "fp16+fp32:" + ",".join(fp32_parts)
+        shipped = GRAPH_NAMES if components else ("end_to_end",)
+        graphs, written = {}, []
+        for name in shipped:
+            files = save_optimized(protos[name], tmp / f"{name}.onnx")
+            written += files
+            spec = specs[name]
+            graphs[name] = {"file": files[0], "files": files, "input": spec.input_name, "output": spec.output_name,
+                            "multiple": spec.multiple, "dynamic_axes": ["batch", "height", "width"],
+                            "precision": precisions[name], "opset": opset}
+        del protos
+        manifest = {
+            "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "runtime": "onnx", "graphs": graphs,
+            "student": student_geometry(student), "source": source_record(model_arg, description, student),
+            "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False), ONNX Runtime basic optimization",
+            "fp16_trials": fp16_trials, "files": file_entries(tmp, written),
+        }
+        log(f"export: graphs written in {time.perf_counter() - start:.0f} s; validating ...")
+        report = validate(tmp, manifest=manifest, student=student, budget=budget, parity_sizes=parity_sizes,
+                          metrics=metrics if check_quality else (), quality_images=quality_images,
+                          display_name=str(output))
+        manifest["budgets"] = budget
+        manifest["results"] = {k: report[k] for k in ("passed", "failed", "parity", "quality_budget")}
+        write_json(tmp / MANIFEST_NAME, manifest)  # last: its presence marks a complete artifact
+    log(f"export: {output} in {time.perf_counter() - start:.0f} s")
+    return report
+
+
+# -- validation ------------------------------------------------------------------------------------------
+def validate(folder: Path, *, manifest: dict | None = None, student: OneStepSR | None = None, budget=None,
+             budget_path=None, model_arg: str | None = None, parity_sizes=DEFAULT_PARITY_SIZES,
+             metrics=QUALITY_METRICS, quality_images: int | None = None, display_name: str | None = None) -> dict:
+    """Check an artifact; writes folder/report.json and report.md and returns the report ("passed", "failed")."""
+    folder = Path(folder)
+    budget = budget or load_budget(budget_path, EXPORT_BUDGET_NAME)
+    failed: list[str] = []
+    fresh = manifest is not None
+    manifest = manifest if fresh else read_manifest(folder)
+    if not fresh:
+        failed += verify_files(folder, manifest)
+    if student is None:
+        from compress.models.resolve import load_model
+        from compress.prune.run import weights_hash
+
+        spec = model_arg if model_arg is not None else manifest["source"]["model"]
+        loaded = load_model(spec)
+        student = loaded.model
+        if weights_hash(student) != manifest["source"]["weights_sha256"]:
+            failed.append(f"source model {spec or 'built-in'}: its weights differ from those exported "
+                          "(manifest source.weights_sha256); pass --model with the exported student")
+    report = {"artifact": display_name or str(folder), "runtime": manifest["runtime"], "budget": budget["path"],
+              "integrity": list(failed), "parity": {}, "quality": {}, "quality_budget": None}
+    if manifest["runtime"] == "onnx" and not report["integrity"]:
+        parity, parity_failed = onnx_parity(folder, manifest, student, budget, parity_sizes)
+        report["parity"] = parity
+        failed += parity_failed
+        if metrics and not parity_failed:
+            from compress.prune.run import quality
+            from compress.runtime.onnx import OnnxStudent
+
+            log("validate: quality on the validation photos ...")
+            runtime = OnnxStudent(folder, manifest=manifest)
+            report["quality"] = quality(student, runtime, tuple(metrics), limit=quality_images,
+                                        bicubic_metrics=tuple(budget["beat_bicubic"]), compare_outputs=False)
+            checked = check_budget(report["quality"], budget)
+            report["quality_budget"] = checked
+            failed += [f"budget {item['item']}: measured {_measured(item)}" for item in checked["items"]
+                       if item["status"] == "failed"]
+    elif manifest["runtime"] == "coreml" and not report["integrity"]:
+        from export.coreml_validate import coreml_checks
+
+        parity, coreml_failed = coreml_checks(folder, manifest, student, budget, parity_sizes)
+        report["parity"] = parity
+        failed += coreml_failed
+    report["failed"] = failed
+    report["passed"] = not failed
+    write_json(folder / "report.json", report)
+    with atomic_path(folder / "report.md") as tmp:
+        tmp.write_text(markdown(report))
+    return report
+
+
+def _measured(item: dict) -> str:
+    if "measured" in item:
+        return f"{item['measured']:+.4f} (student {item['student']:.4f}, source {item['original']:.4f})"
+    return f"student {item.get('student')}, bicubic {item.get('bicubic')}"
+
+
+def onnx_parity(folder: Path, manifest: dict, student: OneStepSR, budget: dict, sizes) -> tuple[dict, list[str]]:
+    """Every shipped graph against PyTorch on real photos at `sizes`; the end-to-end graph through the
+    runtime wrapper (padding and cropping included), plus one batch of two to prove the batch axis."""
+    from compress.runtime.onnx import OnnxStudent
+
+    runtime = OnnxStudent(folder, manifest=manifest)
+    photos = parity_photos(sizes)
+    stages = [(label, stage_inputs(student, lr)) for label, lr in photos]
+    first = photos[0][1]
+    batch = (f"batch of 2 @{first.shape[-2]}x{first.shape[-1]}", stage_inputs(student, torch.cat([first, first.flip(-1)])))
+    rows, failed = {}, []
+    for name, graph in manifest["graphs"].items():
+        floor = budget["parity"].get("fp32" if graph["precision"] == "fp32" else "fp16", 40.0)
+        rows[name] = []
+        cases = [(label, outputs[name]) for label, outputs in stages + ([batch] if name == "end_to_end" else [])]
+        for label, (source, reference) in cases:
+            output = runtime(source) if name == "end_to_end" else runtime.run(name, source)
+            result = parity_psnr(output.numpy(), reference.numpy(), PEAKS.get(graph["output"]))
+            ok = result["finite"] and result["psnr_db"] >= floor
+            rows[name].append({"input": label, "shape": list(source.shape), **result, "floor_db": floor,
+                               "status": "passed" if ok else "failed"})
+            if not ok:
+                got = "non-finite output (overflow)" if not result["finite"] else f"{result['psnr_db']:.1f} dB"
+                failed.append(f"parity {name} ({graph['precision']}) on {label}: {got} < floor {floor} dB")
+    return rows, failed
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Validation of {report['artifact']}", "",
+             f"Runtime: {report['runtime']}; budget: {report['budget']}.", "",
+             "**Result: " + ("passed**" if report["passed"] else "FAILED**"), ""]
+    if report["failed"]:
+        lines += [f"- {line}" for line in report["failed"]] + [""]
+    if report["parity"]:
+        lines += ["## Parity with PyTorch", "", "| graph | input | PSNR (dB) | max abs diff | floor | status |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, rows in report["parity"].items():
+            if isinstance(rows, dict):  # a skipped check
+                lines.append(f"| {name} | — | — | — | — | {rows.get('status')}: {rows.get('why', '')} |")
+                continue
+            for row in rows:
+                psnr = "inf" if row.get("psnr_db") == math.inf else (
+                    f"{row['psnr_db']:.1f}" if row.get("psnr_db") is not None else "non-finite")
+                diff = f"{row['max_abs_diff']:.2e}" if row.get("max_abs_diff") is not None else "—"
+                lines.append(f"| {name} | {row['input']} | {psnr} | {diff} | {row['floor_db']} | {row['status']} |")
+        lines.append("")
+    checked = report.get("quality_budget")
+    if checked:
+        lines += ["## Quality budget (validation photos, artifact vs source student)", "",
+                  "| item | status | measured |", "| --- | --- | --- |"]
+        for item in checked["items"]:
+            lines.append(f"| {item['item']} | {item['status']} | {_measured(item) if item['status'] != 'skipped' else item['why']} |")
+        lines.append("")
+    return "\n".join(lines)

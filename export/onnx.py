@@ -1,0 +1,106 @@
+"""ONNX graphs of a student: export, fp16 with a measured fp32 fallback, ONNX Runtime optimization, save.
+
+Exporter: `torch.onnx.export(dynamo=False)` (TorchScript tracing, opset 17 by default). On torch 2.14.1 the
+dynamo exporter took 70-90 s for the built-in student's five graphs (the TorchScript one 5 s) and its
+graphs failed in ONNX Runtime at any size but the example's: it fixes the length of SD3's cropped
+position-embedding table (`Attempting to broadcast an axis by a dimension other than 1. 12 by 16`).
+Traced graphs keep batch, height and width dynamic; every side must be a multiple of the graph's
+`multiple` (stated in the manifest; compress.runtime pads to it).
+
+fp16 (ONNX Runtime's `convert_float_to_float16`, inputs and outputs kept float32): each component is
+converted alone and compared with PyTorch on real photos, the VAE decoder first (fp16 overflow in VAE
+decoders is the known failure: black or NaN images); a component below the fp16 parity floor stays fp32,
+and in the end-to-end graph its nodes (found by the exporter's scope names) are kept fp32 too. The
+fallback is measured, never assumed.
+
+Saved graphs are ONNX Runtime's `ORT_ENABLE_BASIC` optimization of the export (constant folding and
+redundant-node removal: portable across execution providers; the fusions of the higher levels are
+hardware-specific and are applied when a session loads). A graph whose weights exceed 2 GB (protobuf's
+limit) is saved with its tensors in one external `<name>.onnx.data` file.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.graphs import GraphSpec, example_input
+
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB limit, with room for the graph itself
+# Scope prefixes of each component's nodes in the traced end-to-end graph (TorchScript names nodes by module path).
+COMPONENT_SCOPES = {
+    "vae_encoder": ("/encoder/", "/quant_conv/"),
+    "transformer": ("/transformer/",),
+    "vae_decoder": ("/decoder/", "/post_quant_conv/"),
+}
+FP16_TRIAL_ORDER = ("vae_decoder", "transformer", "vae_encoder", "upsample")
+
+
+def trace_to_onnx(spec: GraphSpec, opset: int = DEFAULT_OPSET):
+    """The graph as an in-memory ONNX ModelProto (weights included), traced with the example input."""
+    import onnx
+
+    dynamic = {spec.input_name: {0: "batch", 2: "height", 3: "width"},
+               spec.output_name: {0: "batch", 2: "out_height", 3: "out_width"}}
+    with tempfile.TemporaryDirectory(prefix="onnx-export-") as tmp, torch.no_grad():
+        path = Path(tmp) / f"{spec.name}.onnx"
+        torch.onnx.export(
+            spec.module, (example_input(spec),), str(path), dynamo=False, opset_version=opset,
+            input_names=[spec.input_name], output_names=[spec.output_name], dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+        return onnx.load(str(path))  # external tensors (a > 2 GB model) are read in as well
+
+
+def weight_bytes(proto) -> int:
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data) for t in proto.graph.initializer)
+
+
+def to_fp16(proto, fp32_components: tuple[str, ...] = ()):
+    """fp16 weights and compute with float32 inputs/outputs; nodes of `fp32_components` stay float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    prefixes = tuple(p for name in fp32_components for p in COMPONENT_SCOPES.get(name, ()))
+    blocked = [node.name for node in proto.graph.node if prefixes and node.name.startswith(prefixes)]
+    return convert_float_to_float16(proto, keep_io_types=True, node_block_list=blocked or None,
+                                    disable_shape_infer=weight_bytes(proto) > EXTERNAL_DATA_BYTES)
+
+
+def save_optimized(proto, path: Path) -> list[str]:
+    """Save `proto` at `path` after ONNX Runtime's basic optimization; returns the files written (names)."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    external = weight_bytes(proto) > EXTERNAL_DATA_BYTES
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix="onnx-opt-", dir=path.parent) as tmp:
+        raw = Path(tmp) / path.name
+        onnx.save_model(proto, str(raw), save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=data_name)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(path)
+        options.log_severity_level = 3
+        if external:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    return [path.name, data_name] if external else [path.name]
+
+
+def run_onnx(proto_or_path, tensor: torch.Tensor) -> np.ndarray:
+    """One ONNX Runtime CPU run of a graph (a ModelProto under 2 GB or a path) on a float32 tensor."""
+    import onnxruntime as ort
+
+    source = proto_or_path.SerializeToString() if hasattr(proto_or_path, "SerializeToString") else str(proto_or_path)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: tensor.float().numpy()})[0]
