@@ -76,29 +76,27 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
                 parity_sizes=DEFAULT_PARITY_SIZES, metrics=QUALITY_METRICS, overwrite: bool = False,
                 check_quality: bool = True, quality_images: int | None = None) -> dict:
     """Write the ONNX artifact OUT (end-to-end graph, and the components with `components`), validated."""
-    from export.onnx import FP16_TRIAL_ORDER, run_onnx, save_optimized, to_fp16, trace_to_onnx
+    from export.graphs import with_precisions
+    from export.onnx import FP16_TRIAL_ORDER, run_onnx, save_optimized, trace_to_onnx
 
     budget = load_budget(budget_path, EXPORT_BUDGET_NAME)
     output = Path(output)
     clear_stale_temporaries(output)
     start = time.perf_counter()
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        protos, specs = {}, {spec.name: spec for spec in graph_specs(student, GRAPH_NAMES)}
-        for index, (name, spec) in enumerate(specs.items(), 1):
-            log(f"export [{index}/{len(specs)}] tracing {name} (opset {opset}) ...")
-            protos[name] = trace_to_onnx(spec, opset)
-        precisions = {name: "fp32" for name in GRAPH_NAMES}
+        precisions = {name: "fp32" for name in COMPONENT_NAMES}
         fp16_trials = {}
         if precision == "fp16":
             floor = budget["parity"].get("fp16", 35.0)
             photos = [stage_inputs(student, lr) for _, lr in parity_photos(parity_sizes)]
             for name in FP16_TRIAL_ORDER:
-                candidate = to_fp16(protos[name])
+                log(f"fp16 trial {name}: tracing it in fp16 ...")
+                spec = graph_specs(with_precisions(student, {name: "fp16"}), (name,))[0]
+                candidate = trace_to_onnx(spec, opset)
                 worst = math.inf
                 for stages in photos:
                     source, reference = stages[name]
-                    result = parity_psnr(run_onnx(candidate, source), reference.numpy(),
-                                         PEAKS.get(specs[name].output_name))
+                    result = parity_psnr(run_onnx(candidate, source), reference.numpy(), PEAKS.get(spec.output_name))
                     worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
                 keep = worst >= floor
                 fp16_trials[name] = {"fp16_psnr_db": worst if math.isfinite(worst) else None,
@@ -106,21 +104,26 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
                                      "precision": "fp16" if keep else "fp32"}
                 log(f"fp16 trial {name}: worst parity {worst:.1f} dB vs floor {floor} -> "
                     f"{'fp16' if keep else 'kept fp32'}")
-                if keep:
-                    protos[name], precisions[name] = candidate, "fp16"
-            fp32_parts = tuple(name for name in COMPONENT_NAMES if precisions[name] == "fp32")
-            protos["end_to_end"] = to_fp16(protos["end_to_end"], fp32_parts)
-            precisions["end_to_end"] = "fp16" if not fp32_parts else "fp16+fp32:" + ",".join(fp32_parts)
+                precisions[name] = "fp16" if keep else "fp32"
+            precisions["upsample"] = precisions["transformer"]
+        exported = with_precisions(student, precisions) if precision == "fp16" else student
+        fp32_parts = [name for name in ("vae_encoder", "transformer", "vae_decoder") if precisions[name] == "fp32"]
+        if precision == "fp32" or len(fp32_parts) == 3:
+            precisions["end_to_end"] = "fp32"
+        else:
+            precisions["end_to_end"] = "fp16" + (f"+fp32:{','.join(fp32_parts)}" if fp32_parts else "")
+        specs = {spec.name: spec for spec in graph_specs(exported, GRAPH_NAMES)}
         shipped = GRAPH_NAMES if components else ("end_to_end",)
         graphs, written = {}, []
-        for name in shipped:
-            files = save_optimized(protos[name], tmp / f"{name}.onnx")
+        for index, name in enumerate(shipped, 1):  # one graph in memory at a time: a 2 B model is 8 GB each
+            log(f"export [{index}/{len(shipped)}] tracing {name} (opset {opset}, {precisions[name]}) ...")
+            files = save_optimized(trace_to_onnx(specs[name], opset), tmp / f"{name}.onnx")
             written += files
             spec = specs[name]
             graphs[name] = {"file": files[0], "files": files, "input": spec.input_name, "output": spec.output_name,
                             "multiple": spec.multiple, "dynamic_axes": ["batch", "height", "width"],
                             "precision": precisions[name], "opset": opset}
-        del protos
+        del specs, exported
         manifest = {
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "runtime": "onnx", "graphs": graphs,
             "student": student_geometry(student), "source": source_record(model_arg, description, student),

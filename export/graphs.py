@@ -27,52 +27,76 @@ GRAPH_NAMES = ("end_to_end", "upsample", "vae_encoder", "transformer", "vae_deco
 COMPONENT_NAMES = GRAPH_NAMES[1:]
 
 
-class EndToEnd(nn.Module):
+# The student's submodules that make up each component; `with_precisions` casts them as one.
+COMPONENT_MODULES = {
+    "vae_encoder": ("vae.encoder", "vae.quant_conv"),
+    "transformer": ("transformer",),
+    "vae_decoder": ("vae.decoder", "vae.post_quant_conv"),
+}
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def with_precisions(student: OneStepSR, precisions: dict[str, str]) -> OneStepSR:
+    """A copy of `student` whose components run at the given precisions ("fp16"/"fp32"; others fp32).
+
+    Mixed precision is decided here, in PyTorch, and traced: casts sit only at component boundaries, so a
+    component kept in fp32 never sees an fp16 value inside it (converting a traced fp32 graph with a node
+    block list casts between every pair of blocked nodes, which overflows all the same)."""
+    import copy
+
+    mixed = copy.deepcopy(student)
+    for component, paths in COMPONENT_MODULES.items():
+        dtype = PRECISION_DTYPES[precisions.get(component, "fp32")]
+        for path in paths:
+            module = getattr(mixed.vae, path.split(".", 1)[1], None) if path.startswith("vae.") else mixed.transformer
+            if module is not None:
+                module.to(dtype)
+    return mixed
+
+
+def component_dtype(student: OneStepSR, component: str) -> torch.dtype:
+    first = COMPONENT_MODULES[component][0]
+    module = student.transformer if first == "transformer" else getattr(student.vae, first.split(".", 1)[1])
+    return next(module.parameters()).dtype
+
+
+class _Graph(nn.Module):
+    """Inputs and outputs are float32 whatever the precision inside (apps feed and read float32)."""
+
     def __init__(self, student: OneStepSR):
         super().__init__()
         self.student = student
+        self.dtypes = {name: component_dtype(student, name) for name in COMPONENT_MODULES}
 
+
+class EndToEnd(_Graph):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        student = self.student
-        latent = student.encode(student.upsample(lr))
-        image = student.decode(latent - student.velocity(latent))
+        student, dtypes = self.student, self.dtypes
+        image = student.upsample(lr)  # at the transformer's precision (the student's dtype)
+        latent = student.encode(image.to(dtypes["vae_encoder"])).float()
+        velocity = student.velocity(latent.to(dtypes["transformer"])).float()
+        image = student.decode((latent - velocity).to(dtypes["vae_decoder"])).float()
         return ((image + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
-class Upsample(nn.Module):
-    def __init__(self, student: OneStepSR):
-        super().__init__()
-        self.student = student
-
+class Upsample(_Graph):
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        return self.student.upsample(lr)
+        return self.student.upsample(lr).float()
 
 
-class VAEEncoder(nn.Module):
-    def __init__(self, student: OneStepSR):
-        super().__init__()
-        self.student = student
-
+class VAEEncoder(_Graph):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.student.encode(image)
+        return self.student.encode(image.to(self.dtypes["vae_encoder"])).float()
 
 
-class Transformer(nn.Module):
-    def __init__(self, student: OneStepSR):
-        super().__init__()
-        self.student = student
-
+class Transformer(_Graph):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.student.velocity(latent)
+        return self.student.velocity(latent.to(self.dtypes["transformer"])).float()
 
 
-class VAEDecoder(nn.Module):
-    def __init__(self, student: OneStepSR):
-        super().__init__()
-        self.student = student
-
+class VAEDecoder(_Graph):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.student.decode(latent)
+        return self.student.decode(latent.to(self.dtypes["vae_decoder"])).float()
 
 
 @dataclass(frozen=True)
@@ -110,13 +134,13 @@ def graph_specs(student: OneStepSR, names=GRAPH_NAMES, lr_side: int = 16) -> lis
     return specs
 
 
-def example_input(spec: GraphSpec, batch: int = 2, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+def example_input(spec: GraphSpec, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A deterministic example input in the graph's range. Batch >= 2 and a non-square size keep the exporter
     from fixing the batch axis or tying height to width."""
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, spec.channels, spec.example_side, spec.example_side + spec.multiple)
     if spec.input_name == "lr":
-        return torch.rand(shape, generator=generator, dtype=torch.float32).to(dtype)
+        return torch.rand(shape, generator=generator)
     if spec.input_name == "image":
-        return (torch.rand(shape, generator=generator) * 2 - 1).to(dtype)
-    return torch.randn(shape, generator=generator).to(dtype)
+        return torch.rand(shape, generator=generator) * 2 - 1
+    return torch.randn(shape, generator=generator)
