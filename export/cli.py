@@ -146,9 +146,11 @@ def _finish(report: dict, output: Path) -> int:
     from compress.budget import BUDGET_EXIT_CODE
 
     if report["passed"]:
-        print(f"wrote {output}: validation passed (report: {output / 'report.md'})", file=sys.stderr)
+        print(f"{output}: validation passed (report: {output / 'report.md'})", file=sys.stderr)
+        for line in report.get("skipped", []):
+            print(f"  skipped (not passed): {line}", file=sys.stderr)
         return 0
-    print(f"wrote {output}, but it FAILED validation:", file=sys.stderr)
+    print(f"{output}: FAILED validation:", file=sys.stderr)
     for line in report["failed"]:
         print(f"  {line}", file=sys.stderr)
     return BUDGET_EXIT_CODE

@@ -6,6 +6,7 @@ coremltools converts, saves and reads packages but cannot run them, so `inspect_
 `check_mlpackage` read only the protobuf spec, and `coreml_parity` / `coreml_latency` report "skipped"
 there (never "passed") unless a `predictor` is injected.
 
+`compress_mlpackage` compresses an already saved package, so one conversion serves several compressions.
 Several LR shapes become `ct.EnumeratedShapes`. The graph is then exported with symbolic H and W; three
 rewrites make that graph convertible, all checked before conversion (see `_export_dynamic`).
 """
@@ -21,8 +22,9 @@ import sys
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,6 +193,7 @@ def _export_dynamic(spec: GraphSpec, graph_shapes: list[tuple[int, int]]):
     1. the exporter's shape guards (e.g. "H divisible by 4", which it could only express as derived dims that
        coremltools rejects as input sizes) stay as runtime asserts; the program is run on every enumerated shape
        with those asserts in place, so they hold for every shape Core ML will accept, and are then removed;
+       after the rewrites below it is run again and must give the same outputs;
     2. coremltools turns Python `//` on sizes into fp32, which then breaks integer slicing (the position-table
        crop): each such result is cast back with `int`;
     3. Core ML tensors have rank <= 5; SD3's unpatchify reshapes to rank 6 with a leading batch of 1, which
@@ -268,7 +271,7 @@ def _drop_unit_batch_from_rank6(graph) -> None:
                 if len(source) != len(sizes) or not target or target[0] != source[0]:
                     break
                 perm = [source[1:].index(letter) for letter in target[1:]]
-            elif name == "aten::permute" and list(user.args[1])[0] == 0:
+            elif name == "aten::permute" and user.args[1][0] == 0:
                 perm = [axis - 1 for axis in list(user.args[1])[1:]]
             else:
                 break
@@ -292,6 +295,46 @@ def _compress(mlmodel, palettize_bits: int | None, int8: bool):
         return cto.palettize_weights(mlmodel, config)
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
     return cto.linear_quantize_weights(mlmodel, config)
+
+
+def compress_mlpackage(
+    source: Path | str,
+    out_dir: Path | str,
+    *,
+    palettize_bits: int | None = None,
+    int8: bool = False,
+) -> dict[str, Any]:
+    """Compress the weights of a saved, uncompressed package into `out_dir/<same name>`, so one conversion can
+    be tried at several compressions without exporting and converting again. Returns a `convert_coreml` record."""
+    import coremltools as ct
+
+    source, out_dir = Path(source), Path(out_dir)
+    if palettize_bits is None and not int8:
+        raise ValueError("give palettize_bits or int8")
+    if palettize_bits is not None and int8:
+        raise ValueError("choose one weight compression: palettize_bits or int8, not both")
+    if palettize_bits is not None and palettize_bits not in PALETTIZE_BITS:
+        raise ValueError(f"palettize_bits must be one of {PALETTIZE_BITS}, got {palettize_bits!r}")
+    info = inspect_mlpackage(source)
+    if info["compression"] is not None:
+        raise ValueError(f"{source} already has {info['compression']} weights; compress the uncompressed package")
+    if len(info["inputs"]) != 1 or len(info["outputs"]) != 1:
+        raise ValueError(f"{source}: expected one input and one output")
+    if source.resolve() == (out_dir / source.name).resolve():
+        raise ValueError(f"compress_mlpackage would overwrite its source {source}; give another out_dir")
+    mlmodel = _compress(ct.models.MLModel(str(source), skip_model_load=True), palettize_bits, int8)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / source.name
+    _save_atomically(mlmodel, final)
+    return {
+        "file": final.name,
+        "input": info["inputs"][0]["name"],
+        "output": info["outputs"][0]["name"],
+        "shapes": info["inputs"][0]["shapes"],
+        "precision": info["precision"],
+        "compression": f"palettize-{palettize_bits}bit" if palettize_bits is not None else "int8",
+        "bytes": package_bytes(final),
+    }
 
 
 def _save_atomically(mlmodel, final: Path) -> None:
@@ -323,10 +366,11 @@ def package_bytes(path: Path | str) -> int:
 def inspect_mlpackage(path: Path | str) -> dict[str, Any]:
     """Spec-level facts of a saved package, read from its protobuf without compiling or running it.
 
-    Keys: path, bytes, spec_version, is_mlprogram, opset, inputs and outputs (name, dtype, shapes: the fixed
-    shape or the enumerated list, flexibility: fixed / enumerated / range / unspecified), precision (fp16 / fp32 / mixed:
-    from the float dtypes the compute ops produce, casts and constants left out), op_dtypes (those counts),
-    compression (None, "palettize-<n>bit", "int8", or a '+'-joined mix), palettized_ops, lut_bits,
+    Keys: path, bytes (the whole package), weights_bytes (its weight blobs), spec_version, is_mlprogram, opset,
+    inputs and outputs (name, dtype, shapes: the fixed shape or the enumerated list, flexibility: fixed /
+    enumerated / range / unspecified), precision (fp16 / fp32 / mixed: from the float dtypes the compute ops
+    produce, casts and constants left out), op_dtypes (those counts), compression (None, "palettize-<n>bit",
+    "int8", or a '+'-joined mix), palettized_ops, lut_bits,
     quantized_ops, quantized_dtypes, num_ops, op_types (count per MIL op type), metadata (user-defined).
     """
     import coremltools as ct
@@ -338,6 +382,8 @@ def inspect_mlpackage(path: Path | str) -> dict[str, Any]:
     report: dict[str, Any] = {
         "path": str(path),
         "bytes": package_bytes(path),
+        "weights_bytes": package_bytes(path / "Data" / "com.apple.CoreML" / "weights")
+        if (path / "Data" / "com.apple.CoreML" / "weights").exists() else 0,
         "spec_version": int(spec.specificationVersion),
         "is_mlprogram": spec.WhichOneof("Type") == "mlProgram",
         "inputs": [_feature(f) for f in spec.description.input],
@@ -373,7 +419,7 @@ def inspect_mlpackage(path: Path | str) -> dict[str, Any]:
                 # iOS16: lut is [2^n]; iOS18: [..., 2^n, vector size]
                 size = lut.dimensions[0 if len(lut.dimensions) == 1 else -2].constant.size
                 if size > 0:
-                    lut_bits.add(int(round(math.log2(size))))
+                    lut_bits.add(round(math.log2(size)))
         elif op.type in _QUANT_OPS:
             quantized += 1
             data = _argument_type(op, "quantized_data" if op.type == "constexpr_affine_dequantize" else "data",
@@ -401,7 +447,7 @@ def inspect_mlpackage(path: Path | str) -> dict[str, Any]:
         kinds.append("palettize")
     kinds += sorted(quantized_dtypes) if quantized_dtypes else (["quantized"] if quantized else [])
     report.update(
-        opset=sorted(opsets)[0] if len(opsets) == 1 else sorted(opsets),
+        opset=next(iter(opsets)) if len(opsets) == 1 else sorted(opsets),
         precision=precision,
         op_dtypes=dtype_counts,
         compression="+".join(kinds) if kinds else None,
@@ -475,9 +521,10 @@ def check_mlpackage(path: Path | str, expected: Mapping[str, Any]) -> list[str]:
     outputs = [f["name"] for f in found["outputs"]]
     if expected.get("input") not in inputs:
         problems.append(f"input: expected {expected.get('input')!r}, package has {sorted(inputs)}")
-    else:
+    compared = inputs.get(expected.get("input")) or (found["inputs"][0] if len(found["inputs"]) == 1 else None)
+    if compared is not None:
         want = sorted(list(map(int, s)) for s in expected.get("shapes", []))
-        have = sorted(inputs[expected["input"]].get("shapes", []))
+        have = sorted(compared.get("shapes", []))
         if want != have:
             problems.append(f"input shapes: expected {want}, package has {have}")
     if expected.get("output") not in outputs:
@@ -506,12 +553,20 @@ def _predictor(path: Path | str, predictor: Predictor | None) -> Predictor | Non
     return ct.models.MLModel(str(path)).predict
 
 
-def _io_names(path: Path | str) -> tuple[str, str]:
+def _io(path: Path | str) -> tuple[str, str, list[list[int]]]:
+    """(input name, output name, the input shapes the package takes; empty when it declares a range)."""
     report = inspect_mlpackage(path)
     if len(report["inputs"]) != 1 or len(report["outputs"]) != 1:
         raise ValueError(f"{path}: expected one input and one output, found {len(report['inputs'])} and "
                          f"{len(report['outputs'])}")
-    return report["inputs"][0]["name"], report["outputs"][0]["name"]
+    feature = report["inputs"][0]
+    takes = [] if feature.get("flexibility") == "range" else feature.get("shapes", [])
+    return feature["name"], report["outputs"][0]["name"], takes
+
+
+def _check_shape(path: Path | str, x: np.ndarray, takes: list[list[int]]) -> None:
+    if takes and list(x.shape) not in takes:
+        raise ValueError(f"input shape {list(x.shape)} is not one {path} takes: {takes}")
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -534,10 +589,12 @@ def coreml_parity(
     run = _predictor(path, predictor)
     if run is None:
         return {"status": "skipped", "why": SKIPPED_WHY}
-    input_name, output_name = _io_names(path)
+    input_name, output_name, takes = _io(path)
+    inputs = [np.ascontiguousarray(x, dtype=np.float32) for x in inputs]
+    for x in inputs:
+        _check_shape(path, x, takes)
     results = []
     for x in inputs:
-        x = np.ascontiguousarray(x, dtype=np.float32)
         got = _as_numpy(run({input_name: x})[output_name])
         want = _as_numpy(reference_fn(x))
         if got.shape != want.shape:
@@ -574,8 +631,9 @@ def coreml_latency(
     run = _predictor(path, predictor)
     if run is None:
         return {"status": "skipped", "why": SKIPPED_WHY}
-    input_name, _ = _io_names(path)
+    input_name, _, takes = _io(path)
     feed = {input_name: np.ascontiguousarray(input, dtype=np.float32)}
+    _check_shape(path, feed[input_name], takes)
     for _ in range(warmup):
         run(feed)
     seconds = []

@@ -23,7 +23,6 @@ limit) is saved with its tensors in one external `<name>.onnx.data` file.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,57 +35,51 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GiB limit, with room f
 FP16_TRIAL_ORDER = ("vae_decoder", "transformer", "vae_encoder")  # the upsample graph follows the transformer
 
 
-def trace_to_onnx(spec: GraphSpec, opset: int = DEFAULT_OPSET):
-    """The graph as an in-memory ONNX ModelProto (weights included), traced with the example input."""
-    import onnx
-
+def trace_to_onnx(spec: GraphSpec, folder: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace the graph into `folder/<name>.onnx` (the exporter puts the tensors of a > 2 GB graph in files
+    beside it). The graph is never held in Python: ONNX Runtime reads it from disk, so a 2 B-parameter
+    student needs its own weights plus ONNX Runtime's copy, not a third one in a ModelProto."""
     dynamic = {spec.input_name: {0: "batch", 2: "height", 3: "width"},
                spec.output_name: {0: "batch", 2: "out_height", 3: "out_width"}}
-    with tempfile.TemporaryDirectory(prefix="onnx-export-") as tmp, torch.no_grad():
-        path = Path(tmp) / f"{spec.name}.onnx"
+    path = Path(folder) / f"{spec.name}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
         torch.onnx.export(
             spec.module, (example_input(spec),), str(path), dynamo=False, opset_version=opset,
             input_names=[spec.input_name], output_names=[spec.output_name], dynamic_axes=dynamic,
             do_constant_folding=True,
         )
-        return onnx.load(str(path))  # external tensors (a > 2 GB model) are read in as well
+    return path
 
 
-def weight_bytes(proto) -> int:
-    from onnx import numpy_helper
-
-    return sum(numpy_helper.to_array(t).nbytes if not t.raw_data else len(t.raw_data) for t in proto.graph.initializer)
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).parent.iterdir() if f.is_file())
 
 
-def save_optimized(proto, path: Path) -> list[str]:
-    """Save `proto` at `path` after ONNX Runtime's basic optimization; returns the files written (names)."""
-    import onnx
+def save_optimized(raw: Path, path: Path) -> list[str]:
+    """ONNX Runtime's basic optimization of the traced graph `raw`, saved at `path` (one external
+    `<name>.onnx.data` file when the weights pass 2 GB); returns the names of the files written."""
     import onnxruntime as ort
 
     path = Path(path)
-    external = weight_bytes(proto) > EXTERNAL_DATA_BYTES
+    external = folder_bytes(raw) > EXTERNAL_DATA_BYTES
     data_name = path.name + ".data"
-    with tempfile.TemporaryDirectory(prefix="onnx-opt-", dir=path.parent) as tmp:
-        raw = Path(tmp) / path.name
-        onnx.save_model(proto, str(raw), save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_name)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(path)
-        options.log_severity_level = 3
-        if external:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(path)
+    options.log_severity_level = 3
+    if external:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
     return [path.name, data_name] if external else [path.name]
 
 
-def run_onnx(proto_or_path, tensor: torch.Tensor) -> np.ndarray:
-    """One ONNX Runtime CPU run of a graph (a ModelProto under 2 GB or a path) on a float32 tensor."""
+def run_onnx(path: Path, tensor: torch.Tensor) -> np.ndarray:
+    """One ONNX Runtime CPU run of the graph at `path` on a float32 tensor."""
     import onnxruntime as ort
 
-    source = proto_or_path.SerializeToString() if hasattr(proto_or_path, "SerializeToString") else str(proto_or_path)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: tensor.float().numpy()})[0]

@@ -1,0 +1,235 @@
+"""Core ML export (export/coreml.py): conversion, spec-level inspection and checks, and the parity/latency paths.
+
+coremltools on Linux converts and reads packages but cannot run them, so what runs here is checked from the
+saved spec, and parity runs through an injected predictor (the PyTorch graph itself, or a perturbed one).
+The default run uses the tiny preset; the built-in student's real sizes (fp16 vs 6-bit palettized, about a
+minute and a half of k-means and MIL passes on two cores) are the `slow` tests.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from compress.models.resolve import load_model
+from export.coreml import (
+    SKIPPED_WHY,
+    check_mlpackage,
+    compress_mlpackage,
+    convert_coreml,
+    coreml_latency,
+    coreml_parity,
+    inspect_mlpackage,
+)
+from export.graphs import graph_specs
+
+LINUX_LIKE = sys.platform != "darwin"
+# coremltools' own converter calls a deprecated registry method of its own, once per node
+pytestmark = pytest.mark.filterwarnings("ignore:Function _TORCH_OPS_REGISTRY.__contains__ is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("preset:tiny").model
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_fp16")
+    return out, convert_coreml(tiny, out, precision="fp16", shapes=[(64, 64)])["end_to_end"]
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_fp32")
+    return out, convert_coreml(tiny, out, precision="fp32", shapes=[(64, 64)])["end_to_end"]
+
+
+@pytest.fixture(scope="module")
+def tiny_palettized(tiny_fp16, tmp_path_factory):
+    # compress_mlpackage reuses the fp16 conversion; convert_coreml(palettize_bits=...) runs the same
+    # compression after converting (the built-in student's slow test goes that way)
+    out = tmp_path_factory.mktemp("tiny_pal4")
+    return out, compress_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage", out, palettize_bits=4)
+
+
+def test_tiny_fixed_shape_packages_are_mlprograms_with_the_asked_precision(tiny_fp16, tiny_fp32):
+    for (out, record), precision in ((tiny_fp16, "fp16"), (tiny_fp32, "fp32")):
+        path = out / "end_to_end.mlpackage"
+        assert record["file"] == "end_to_end.mlpackage" and path.is_dir()
+        assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary package left behind"
+        assert record["precision"] == precision and record["compression"] is None
+        assert record["shapes"] == [[1, 3, 64, 64]]
+        info = inspect_mlpackage(path)
+        assert info["is_mlprogram"] and info["opset"] == "CoreML7"
+        assert [(f["name"], f["flexibility"], f["shapes"]) for f in info["inputs"]] == [
+            ("lr", "fixed", [[1, 3, 64, 64]])]
+        assert [(f["name"], f["shapes"]) for f in info["outputs"]] == [("sr", [[1, 3, 256, 256]])]
+        assert info["inputs"][0]["dtype"] == info["outputs"][0]["dtype"] == "float32"
+        assert info["precision"] == precision
+        assert info["bytes"] == record["bytes"] > 0
+        assert info["compression"] is None and info["palettized_ops"] == info["quantized_ops"] == 0
+        assert check_mlpackage(path, record) == []
+    fp16 = inspect_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage")
+    fp32 = inspect_mlpackage(tiny_fp32[0] / "end_to_end.mlpackage")
+    # the counts behind the verdict: every compute op in one dtype, casts only at the fp16 model's edges
+    assert fp16["op_dtypes"]["fp16"] > 100 and fp16["op_dtypes"]["fp32"] == 0 and fp16["op_types"]["cast"] == 2
+    assert fp32["op_dtypes"]["fp32"] > 100 and fp32["op_dtypes"]["fp16"] == 0 and "cast" not in fp32["op_types"]
+    # fp16 stores the weights in half the bytes
+    assert 0.45 < fp16["weights_bytes"] / fp32["weights_bytes"] < 0.55
+
+
+def test_check_mlpackage_names_each_mismatch(tiny_fp16):
+    out, record = tiny_fp16
+    path = out / "end_to_end.mlpackage"
+    wrong = dict(record, precision="fp32", shapes=[[1, 3, 32, 32]], input="image", compression="int8")
+    lines = check_mlpackage(path, wrong)
+    assert len(lines) == 4, lines
+    assert any(line.startswith("precision: expected fp32, package computes in fp16") for line in lines)
+    assert any(line.startswith("input: expected 'image'") for line in lines)
+    assert "input shapes: expected [[1, 3, 32, 32]], package has [[1, 3, 64, 64]]" in lines
+    assert any(line.startswith("compression: expected int8, package has None") for line in lines)
+    lines = check_mlpackage(path, dict(record, shapes=[[1, 3, 32, 32]], output="image"))
+    assert lines == ["input shapes: expected [[1, 3, 32, 32]], package has [[1, 3, 64, 64]]",
+                     "output: expected 'image', package has ['sr']"]
+
+
+def test_palettized_weights_are_detected_and_smaller(tiny_fp16, tiny_palettized):
+    out, record = tiny_palettized
+    path = out / "end_to_end.mlpackage"
+    assert record["compression"] == "palettize-4bit" and record["precision"] == "fp16"
+    assert record["shapes"] == [[1, 3, 64, 64]] and (record["input"], record["output"]) == ("lr", "sr")
+    info = inspect_mlpackage(path)
+    assert info["compression"] == "palettize-4bit" and info["lut_bits"] == [4]
+    assert info["palettized_ops"] == info["op_types"]["constexpr_lut_to_dense"] > 0
+    assert info["precision"] == "fp16"
+    assert check_mlpackage(path, record) == []
+    assert check_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage", record) == [
+        "compression: expected palettize-4bit, package has None (0 LUT ops, 0 quantized ops)"]
+    # 4 of 16 bits for the weights large enough to palettize (coremltools leaves ones under 2048 elements)
+    assert info["weights_bytes"] < 0.5 * inspect_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage")["weights_bytes"]
+    with pytest.raises(ValueError, match="already has palettize-4bit weights"):
+        compress_mlpackage(path, out / "again", int8=True)
+
+
+def test_enumerated_shapes_appear_in_the_spec(tiny, tmp_path):
+    # The transformer graph carries all the dynamic-shape rewrites (position-table crop, rank-6 unpatchify);
+    # its input is the latent: LR side * 4 // 8.
+    record = convert_coreml(tiny, tmp_path, graphs=("transformer",), shapes=[(64, 64), (32, 48)])["transformer"]
+    assert record["shapes"] == [[1, 16, 32, 32], [1, 16, 16, 24]]
+    path = tmp_path / "transformer.mlpackage"
+    info = inspect_mlpackage(path)
+    (latent,) = info["inputs"]
+    assert latent["name"] == "latent" and latent["flexibility"] == "enumerated"
+    assert latent["shapes"] == [[1, 16, 32, 32], [1, 16, 16, 24]] and latent["default_shape"] == [1, 16, 32, 32]
+    assert [f["name"] for f in info["outputs"]] == ["velocity"]
+    assert info["precision"] == "fp16"
+    assert check_mlpackage(path, record) == []
+    assert check_mlpackage(path, dict(record, shapes=record["shapes"][:1])) == [
+        "input shapes: expected [[1, 16, 32, 32]], package has [[1, 16, 16, 24], [1, 16, 32, 32]]"]
+
+
+def test_bad_arguments_raise_one_clear_line(tiny, tmp_path):
+    multiple = graph_specs(tiny, ["end_to_end"])[0].multiple
+    with pytest.raises(ValueError, match=rf"^LR shape 30x48 is not a multiple of {multiple}, which graph 'end_to_end'"):
+        convert_coreml(tiny, tmp_path, shapes=[(64, 64), (30, 48)])
+    with pytest.raises(ValueError, match=r"^LR shape 6x8 \(the vae_encoder input 24x32\) is not a multiple of 16"):
+        convert_coreml(tiny, tmp_path, graphs=("vae_encoder",), shapes=[(6, 8)])
+    with pytest.raises(ValueError, match="not both"):
+        convert_coreml(tiny, tmp_path, palettize_bits=6, int8=True)
+    with pytest.raises(ValueError, match="palettize_bits must be one of"):
+        convert_coreml(tiny, tmp_path, palettize_bits=5)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        convert_coreml(tiny, tmp_path, precision="int4")
+    with pytest.raises(ValueError, match="unknown graph"):
+        convert_coreml(tiny, tmp_path, graphs=("unet",))
+    assert list(tmp_path.iterdir()) == []  # nothing is written before the arguments are checked
+
+
+def _reference(module: torch.nn.Module):
+    """The PyTorch graph as a numpy function, remembering outputs: a 64x64 forward of tiny costs ~1 s here."""
+    seen: dict[bytes, np.ndarray] = {}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        key = x.tobytes()
+        if key not in seen:
+            with torch.no_grad():
+                seen[key] = module(torch.from_numpy(x)).numpy()
+        return seen[key]
+    return run
+
+
+def test_parity_and_latency_are_skipped_without_core_ml(tiny, tiny_fp16):
+    if not LINUX_LIKE:
+        pytest.skip("macOS runs Core ML, so nothing is skipped there")
+    path = tiny_fp16[0] / "end_to_end.mlpackage"
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    reference = _reference(graph_specs(tiny, ["end_to_end"])[0].module)
+    assert coreml_parity(path, reference, [x]) == {"status": "skipped", "why": SKIPPED_WHY}
+    assert coreml_latency(path, x, 3) == {"status": "skipped", "why": SKIPPED_WHY}
+
+
+def test_parity_with_an_injected_predictor_can_pass_and_fail(tiny, tiny_fp16):
+    path = tiny_fp16[0] / "end_to_end.mlpackage"
+    module = graph_specs(tiny, ["end_to_end"])[0].module
+    reference = _reference(module)
+    inputs = [np.random.default_rng(seed).random((1, 3, 64, 64), dtype=np.float32) for seed in (1, 2)]
+    calls = []
+
+    def exact(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(sorted(feed))
+        return {"sr": reference(feed["lr"])}
+
+    def noisy(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = reference(feed["lr"])
+        return {"sr": out + np.random.default_rng(3).normal(0.0, 0.1, out.shape).astype(np.float32)}
+
+    good = coreml_parity(path, reference, inputs, predictor=exact)
+    assert good["status"] == "measured" and calls == [["lr"], ["lr"]]
+    assert len(good["results"]) == 2 and good["min_psnr_db"] == math.inf and good["max_abs_diff"] == 0.0
+    bad = coreml_parity(path, reference, inputs, predictor=noisy)
+    assert bad["status"] == "measured"
+    # Gaussian noise of sigma 0.1 on a peak of 1: MSE 0.01, PSNR 20 dB
+    assert all(19.0 < r["psnr_db"] < 21.0 for r in bad["results"]), bad["results"]
+    assert bad["max_abs_diff"] > 0.3
+    timing = coreml_latency(path, inputs[0], 3, predictor=exact)
+    assert timing["status"] == "measured" and timing["repeats"] == 3
+    assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+
+    def wrong_shape(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"sr": np.zeros((1, 3, 64, 64), np.float32)}
+
+    with pytest.raises(ValueError, match=r"output sr has shape \[1, 3, 64, 64\], the reference \[1, 3, 256, 256\]"):
+        coreml_parity(path, reference, inputs[:1], predictor=wrong_shape)
+    with pytest.raises(ValueError, match=r"input shape \[1, 3, 32, 32\] is not one .* takes: \[\[1, 3, 64, 64\]\]"):
+        coreml_parity(path, reference, [np.zeros((1, 3, 32, 32), np.float32)], predictor=exact)
+
+
+# -- the built-in student: real sizes ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def builtin():
+    loaded = load_model(None)
+    assert not loaded.is_random, loaded.description
+    return loaded.model
+
+
+@pytest.mark.slow
+def test_builtin_student_palettized_6bit_is_smaller_by_the_bit_ratio(builtin, tmp_path_factory):
+    fp16_dir, pal_dir = tmp_path_factory.mktemp("builtin_fp16"), tmp_path_factory.mktemp("builtin_pal6")
+    fp16 = convert_coreml(builtin, fp16_dir, precision="fp16")["end_to_end"]
+    pal6 = convert_coreml(builtin, pal_dir, precision="fp16", palettize_bits=6)["end_to_end"]
+    fp16_path, pal6_path = fp16_dir / "end_to_end.mlpackage", pal_dir / "end_to_end.mlpackage"
+    # 8.6 M parameters in fp16 are 17 MB; 6 of 16 bits per weight keep ~0.375 of it plus the LUTs
+    assert 15e6 < fp16["bytes"] < 21e6, fp16
+    assert 0.3 < pal6["bytes"] / fp16["bytes"] < 0.5, (pal6["bytes"], fp16["bytes"])
+    info = inspect_mlpackage(pal6_path)
+    assert info["compression"] == "palettize-6bit" and info["lut_bits"] == [6] and info["palettized_ops"] > 100
+    assert inspect_mlpackage(fp16_path)["compression"] is None
+    assert check_mlpackage(fp16_path, fp16) == [] and check_mlpackage(pal6_path, pal6) == []
+    lines = check_mlpackage(pal6_path, dict(pal6, precision="fp32", shapes=[[1, 3, 128, 128]]))
+    assert [line.split(":")[0] for line in lines] == ["input shapes", "precision"], lines
