@@ -34,15 +34,18 @@ def parity_psnr(output: np.ndarray, reference: np.ndarray, peak: float | None = 
 
 
 def parity_photos(sizes=DEFAULT_PARITY_SIZES) -> list[tuple[str, torch.Tensor]]:
-    """LR crops of the built-in validation photos at each size (top-left crops of successive photos)."""
+    """LR crops of the built-in validation photos (Real-ESRGAN degradation) at each size, successive sizes
+    from successive photos that are large enough."""
     from compress.data.pairs import fixed_validation_pairs
 
     needed = max(max(h, w) for h, w in sizes)
-    hr_size = -(-needed * 4 // 64) * 64
-    pairs = fixed_validation_pairs("realesrgan", hr_size=hr_size)
+    pairs = fixed_validation_pairs("realesrgan", hr_size=256 if needed <= 64 else None)
     photos = []
     for index, (height, width) in enumerate(sizes):
-        name, lr, _ = pairs[index % len(pairs)]
+        fitting = [(name, lr) for name, lr, _ in pairs if lr.shape[-2] >= height and lr.shape[-1] >= width]
+        if not fitting:
+            raise ValueError(f"no validation photo has an LR image of at least {height}x{width}; use smaller sizes")
+        name, lr = fitting[index % len(fitting)]
         photos.append((f"{name}@{height}x{width}", lr[None, :, :height, :width].contiguous()))
     return photos
 
