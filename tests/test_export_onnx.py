@@ -196,3 +196,23 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert export_main("onnx", "--opset", "99", "-o", tmp_path / "y") == 2
     assert "--opset must be between 14 and 21" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_eval_scores_the_artifact(tiny_artifact, tmp_path):
+    from compress.__main__ import main as compress_main
+
+    out = tmp_path / "eval"
+    assert compress_main(["eval", "--model", str(tiny_artifact), "--limit", "1", "--metrics", "psnr,ssim",
+                          "-o", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"].startswith("ONNX artifact") and metrics["images"] == 1
+    assert np.isfinite(metrics["mean"]["student"]["psnr"])
+
+
+def test_artifact_refuses_device_and_dtype_flags(tiny_artifact, tmp_path, capsys):
+    from compress.__main__ import main as compress_main
+
+    sample = ROOT / "compress/assets/samples/astronaut_lr.png"
+    assert compress_main(["upscale", str(sample), "--model", str(tiny_artifact), "--dtype", "float16",
+                          "-o", str(tmp_path / "x")]) == 2
+    assert "exported artifact" in capsys.readouterr().err
