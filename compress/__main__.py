@@ -30,17 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)  # --help and flag errors end here, before torch is imported
-    from compress.models.errors import ModelLoadError  # no torch: a bad flag value is reported at once too
+    from compress.cli import run_command
 
-    try:
-        return int(ns.run(ns) or 0)
-    # ImageInputError and the settings checks are ValueErrors
-    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(ns)
 
 
 if __name__ == "__main__":

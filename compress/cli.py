@@ -99,3 +99,22 @@ def dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
 def comma_separated(text: str) -> tuple[str, ...]:
     """'psnr, ssim' -> ('psnr', 'ssim'): the `parse` of a tuple-of-names field."""
     return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def run_command(ns: argparse.Namespace, interrupted: str = "interrupted") -> int:
+    """Run a parsed subcommand (`ns.run`): a bad input prints one line and returns 2, Ctrl-C returns 130.
+
+    Shared by `python -m compress` and `python -m export`, so every command answers alike."""
+    import sys
+
+    from compress.models.errors import ModelLoadError  # no torch: a bad flag value is reported at once too
+
+    try:
+        return int(ns.run(ns) or 0)
+    # ImageInputError and the settings checks are ValueErrors
+    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130

@@ -206,13 +206,6 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ns = build_parser().parse_args(argv)
-    from compress.models.errors import ModelLoadError
+    from compress.cli import run_command
 
-    try:
-        return int(ns.run(ns) or 0)
-    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no artifact folder was written", file=sys.stderr)
-        return 130
+    return run_command(ns, interrupted="interrupted: no artifact folder was written")
