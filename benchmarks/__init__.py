@@ -10,6 +10,7 @@ the same run. What builds shipped artifacts lives in scripts/ instead.
     tiled_vae           tiled vs untiled VAE (accuracy of each statistics choice) and a large upscale's memory/time
     prune_depth         depth-pruning methods side by side after the same recovery
     prune_fullscale     transformer compression steps on the SD3-medium geometry: parameters, time, memory
+    export_onnx         ONNX Runtime vs PyTorch latency of one student; the SD3-medium geometry exported to ONNX
 """
 
 from __future__ import annotations

@@ -204,6 +204,9 @@ def coreml_checks(folder: Path, manifest: dict, student: OneStepSR, budget: dict
         floor = budget["parity"].get(record["precision"], 35.0)
         result["floor_db"] = floor
         if result["status"] == "measured":
+            from export.coreml import coreml_latency
+
+            result["latency"] = coreml_latency(path, inputs[0], repeats=5, predictor=predictor)
             ok = all(math.isfinite(r["max_abs_diff"]) and r["psnr_db"] >= floor for r in result["results"])
             result["passed"] = ok
             if not ok:

@@ -262,6 +262,7 @@ def test_cli_artifact_reports_parity_skipped_on_linux_and_validates_with_a_predi
     reference = _reference(module)
     measured = validate(out, predictor=lambda feed: {"sr": reference(feed["lr"])})
     assert measured["passed"] and measured["parity"]["end_to_end"]["status"] == "measured"
+    assert measured["parity"]["end_to_end"]["latency"]["status"] == "measured"  # the macOS latency path
     noisy = validate(out, predictor=lambda feed: {"sr": reference(feed["lr"]) + 0.2})
     assert not noisy["passed"] and noisy["failed"][0].startswith("parity end_to_end (fp16)")
     broken = out.parent / "broken"

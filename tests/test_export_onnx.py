@@ -95,6 +95,8 @@ def test_end_to_end_only_artifact_runs_odd_sizes(tiny_artifact):
     theirs = upscale_tensor(student, lr, color_fix="none")
     assert ours.shape == (1, 3, 52, 88)
     assert (ours - theirs).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="multiples of 4, got 13x22"):
+        runtime.run("end_to_end", lr)  # the graph itself is never fed a size it does not take
 
 
 def test_tampered_weight_fails_validation(builtin_artifact, tmp_path, capsys):

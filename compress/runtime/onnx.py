@@ -97,6 +97,11 @@ class OnnxStudent:
                 f"{self.threads or 'default'} threads)")
 
     def run(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """One graph on a float32 batch; a side that is not the graph's multiple is refused before ORT sees it."""
+        multiple = int(self.manifest["graphs"][name]["multiple"])
+        if tensor.shape[-2] % multiple or tensor.shape[-1] % multiple:
+            raise ValueError(f"graph {name!r} takes sides that are multiples of {multiple}, got "
+                             f"{tensor.shape[-2]}x{tensor.shape[-1]}; pad first (OnnxStudent pads LR images itself)")
         session = self.sessions[name]
         feed = {session.get_inputs()[0].name: tensor.detach().float().cpu().contiguous().numpy()}
         return torch.from_numpy(np.asarray(session.run(None, feed)[0], dtype=np.float32))
