@@ -86,6 +86,30 @@ def _stage_bar(desc: str, total: int, enabled: bool) -> Iterator[Callable[[int],
         yield bar.update
 
 
+class NumericalFailure(RuntimeError):
+    """A stage produced NaN/inf, or the output collapsed to a constant image: an error, never an output."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def check_stage(stage: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` if finite; else NumericalFailure naming the stage (fp16 overflow, a damaged model...)."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericalFailure(stage, f"the {stage} produced {bad} NaN/inf value(s) of {tensor.numel()}; no image "
+                                      "written (try --dtype float32, or check the model with `compress eval`)")
+    return tensor
+
+
+def check_not_constant(sr: torch.Tensor, lr: torch.Tensor) -> None:
+    """An output saturated to one value from an input that is not flat is a failure, not a picture."""
+    if float(sr.amax() - sr.amin()) == 0.0 and float(lr.amax() - lr.amin()) > 0.0:
+        raise NumericalFailure("output", f"the output is a constant image (every pixel {float(sr.flatten()[0]):.3f}) "
+                                         "although the input is not; no image written")
+
+
 def check_whole_image(model, lr: torch.Tensor) -> None:
     """Refuse an image too large for one untiled transformer call (SD3's position table), naming the fix."""
     side = model.max_latent_side
@@ -120,14 +144,16 @@ def upscale_tensor(
     lr_size = tuple(lr.shape[-2:])
     if not getattr(model, "has_stages", True):  # a runtime artifact with only its end-to-end graph
         check_whole_image(model, lr)
-        return apply_color_fix(color_fix, model(lr).float().clamp_(0.0, 1.0), lr)
+        sr = check_stage("end-to-end graph", model(lr).float()).clamp_(0.0, 1.0)
+        check_not_constant(sr, lr)
+        return apply_color_fix(color_fix, sr, lr)
     image = model.preprocess(lr)
     # Bounded-memory VAE tiling walks PyTorch modules; a runtime artifact runs its VAE graphs whole.
     vae_tiling = None if tiles.mode == "off" or not getattr(model, "supports_vae_tiling", True) else tiles.vae
     height, width = image.shape[-2:]
     vae_tiles = tile_count(height, width, vae_tiling) if vae_tiling is not None and vae_tiling.applies(height, width) else 0
     with _stage_bar("VAE encoder", vae_tiles, progress) as step:
-        latent_lr = model.encode(image, generator, tiling=vae_tiling, progress=step)
+        latent_lr = check_stage("VAE encoder", model.encode(image, generator, tiling=vae_tiling, progress=step))
     del image
     if tiles.mode == "off":
         if model.max_latent_side is not None and max(latent_lr.shape[-2:]) > model.max_latent_side:
@@ -143,13 +169,14 @@ def upscale_tensor(
         count = latent_tile_count(*latent_lr.shape[-2:], latent_tile, tiles.latent_overlap)
         with _stage_bar("transformer", count, progress) as step:
             velocity = tiled_velocity(model, latent_lr, latent_tile, tiles.latent_overlap, step)
-    latent = latent_lr.sub_(velocity)
+    latent = latent_lr.sub_(check_stage("transformer", velocity))
     del velocity
     return_free_memory()
     with _stage_bar("VAE decoder", vae_tiles, progress) as step:
         decoded = model.decode(latent, tiling=vae_tiling, progress=step)
     del latent
-    sr = model.postprocess(decoded, lr_size).float().clamp_(0.0, 1.0)
+    sr = model.postprocess(check_stage("VAE decoder", decoded), lr_size).float().clamp_(0.0, 1.0)
     del decoded
     return_free_memory()
-    return apply_color_fix(color_fix, sr, lr)
+    check_not_constant(sr, lr)
+    return check_stage("colour fix", apply_color_fix(color_fix, sr, lr))

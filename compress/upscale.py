@@ -79,7 +79,7 @@ def upscale(
     from compress.imaging import ImageInputError, iter_image_paths, load_image, save_image, upscale_alpha
     from compress.io import write_json
     from compress.models.resolve import load_model, parse_dtype
-    from compress.pipeline import upscale_tensor
+    from compress.pipeline import NumericalFailure, upscale_tensor
 
     args = args or UpscaleArgs()
     paths = iter_image_paths(list(inputs), recursive=args.recursive)
@@ -111,7 +111,12 @@ def upscale(
             tqdm.write(f"skipped: {err}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        sr = upscale_tensor(loaded.model, image.rgb[None], args.tiles, args.color_fix, generator, progress=True)
+        try:
+            sr = upscale_tensor(loaded.model, image.rgb[None], args.tiles, args.color_fix, generator, progress=True)
+        except NumericalFailure as err:  # this image failed numerically; the batch goes on
+            summary.failed[str(path)] = str(err)
+            tqdm.write(f"failed: {path}: {err}", file=sys.stderr)
+            continue
         summary.seconds_per_image.append(time.perf_counter() - start)
         alpha = upscale_alpha(image.alpha, scale) if image.alpha is not None else None
         target = output / f"{path.stem}.png"

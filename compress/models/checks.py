@@ -101,12 +101,38 @@ def check_weights(model_class, folder: Path) -> None:
     raise ModelLoadError(" ".join(parts))
 
 
+def check_finite(tensors, source) -> None:
+    """Raise naming `source` and the first tensor with NaN or inf values (`tensors`: name -> tensor pairs).
+
+    A NaN in a weight or in the cached prompt turns every output black; it must stop the load, not the user."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(
+                f"{source}: tensor '{name}' has {bad} NaN/inf value(s) of {tensor.numel()}; the file is damaged "
+                "or was saved from a diverged run: copy it again or use an earlier checkpoint"
+            )
+
+
+def _weight_file_of(folder: Path, name: str) -> Path:
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            return folder / json.loads(index.read_text())["weight_map"][name]
+        except (KeyError, json.JSONDecodeError):
+            return index
+    return folder / WEIGHTS_NAME
+
+
 def load_diffusers_model(model_class, folder: Path | str):
-    """Check, then load a diffusers folder (local files only: nothing is fetched from a hub)."""
+    """Check, then load a diffusers folder (local files only: nothing is fetched from a hub); weights with
+    NaN or inf values are refused, naming the file and the tensor."""
     folder = Path(folder)
     check_weights(model_class, folder)
     try:
         model = model_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
     except Exception as err:
         raise ModelLoadError(f"could not load {model_class.__name__} from {folder}: {err}") from err
+    for name, tensor in model.state_dict().items():
+        check_finite([(name, tensor)], _weight_file_of(folder, name))
     return model.eval()

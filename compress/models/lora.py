@@ -101,19 +101,24 @@ def save_lora_file(model: nn.Module, path: Path, adapter_name: str = "default") 
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, turning a missing, truncated or corrupt file into one clear error."""
+    """Load a safetensors file, turning a missing, truncated or corrupt file, or a NaN/inf tensor in it, into one
+    clear error."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{what}: file not found: {path}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as err:  # safetensors raises SafetensorError / OSError with terse texts
         raise ModelLoadError(
             f"{what}: {path} is not a readable safetensors file ({type(err).__name__}: {err}). "
             "It is probably truncated or corrupt: download or copy it again."
         ) from err
+    from compress.models.checks import check_finite
+
+    check_finite(tensors.items(), f"{what}: {path}")
+    return tensors
 
 
 def infer_lora_rank(state: dict[str, torch.Tensor], path: Path) -> int:

@@ -202,12 +202,13 @@ def prune(model: str | None, output: Path | None, args: PruneArgs, base_model: P
 
 def check_output(student: OneStepSR, lr: torch.Tensor) -> None:
     """A compressed student whose output is not finite, or constant, is an error, never a result."""
-    image = student(lr)
-    if not torch.isfinite(image).all():
-        raise FloatingPointError("the compressed student's output has NaN or inf values; nothing written (lower "
-                                 "--recover-lr, or check the steps with --recover-steps 0)")
-    if float(image.std()) == 0.0:
-        raise FloatingPointError("the compressed student's output is a constant image; nothing written")
+    from compress.pipeline import NumericalFailure, check_not_constant, check_stage
+
+    try:
+        check_not_constant(check_stage("compressed student", student(lr)), lr)
+    except NumericalFailure as err:
+        raise FloatingPointError(f"{err} (lower --recover-lr, or check the steps with --recover-steps 0); "
+                                 "nothing written") from None
 
 
 def _thinned(rows: list, count: int) -> list:
