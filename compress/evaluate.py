@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.cli import comma_separated
-from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TILE_MODES, check_color_fix
+from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, check_dtype_for_device, TILE_MODES, check_color_fix
 
 DEFAULT_METRICS = ("psnr", "ssim", "stlpips", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
 DEGRADATIONS = ("realesrgan", "bicubic")
@@ -52,6 +52,7 @@ class EvalArgs:
         if self.hr_size % 64:
             raise ValueError(f"--hr-size must be a multiple of 64, got {self.hr_size}")
         check_color_fix(self.color_fix)
+        check_dtype_for_device(self.dtype, self.device)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
 

@@ -17,6 +17,20 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 VAE_STATISTICS = ("sampled", "whole", "downsampled")
 
 
+def check_dtype_for_device(dtype: str, device: str) -> str:
+    """float16/bfloat16 are refused on the CPU: PyTorch runs them there many times slower than float32
+    (`python -m benchmarks.precision`, docs/precision/precision.md); they are for CUDA."""
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    if dtype != "float32" and not device.startswith("cuda"):
+        raise ValueError(
+            f"--dtype {dtype} on {device}: PyTorch's CPU kernels ran it 114x (bfloat16) and 119x (float16) slower than float32 on a 2-core EPYC "
+            "with no memory this model needs back; use --dtype float32 on the CPU, float16/bfloat16 with "
+            "--device cuda, or an fp16 ONNX artifact (python -m export onnx --precision fp16)"
+        )
+    return dtype
+
+
 def check_color_fix(name: str, flag: str = "--color-fix") -> str:
     if name not in COLOR_FIX_METHODS:
         raise ValueError(f"{flag} must be one of {', '.join(COLOR_FIX_METHODS)}, got {name!r}")

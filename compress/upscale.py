@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TileSettings, check_color_fix
+from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, check_dtype_for_device, TileSettings, check_color_fix
 
 EXAMPLES = """examples:
   python -m compress upscale compress/assets/samples/astronaut_lr.png -o outputs/
@@ -35,6 +35,7 @@ class UpscaleArgs:
 
     def __post_init__(self):
         check_color_fix(self.color_fix)
+        check_dtype_for_device(self.dtype, self.device)
         if self.max_megapixels <= 0:
             raise ValueError(f"--max-megapixels must be positive, got {self.max_megapixels}")
         if self.device.startswith("cuda"):

@@ -110,3 +110,15 @@ def test_a_constant_output_from_a_textured_input_is_a_failure():
     with pytest.raises(NumericalFailure, match="constant image"):
         check_not_constant(torch.zeros(1, 3, 32, 32), lr)
     check_not_constant(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 8, 8))  # flat in, flat out: fine
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_the_cpu_is_refused_before_any_work(dtype, tmp_path, capsys):
+    from compress.__main__ import main
+
+    start = time.perf_counter()
+    code = main(["upscale", str(_png(tmp_path / "a.png", 10)), "--dtype", dtype, "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--dtype {dtype} on cpu" in err and "use --dtype float32" in err
+    assert len(err.strip().splitlines()) == 1 and time.perf_counter() - start < 5
+    assert not (tmp_path / "out").exists()
