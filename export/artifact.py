@@ -9,14 +9,12 @@ with PyTorch on real photos, and the quality budget on the validation photos.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
