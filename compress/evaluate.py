@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compress.cli import comma_separated
-from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, check_dtype_for_device, TILE_MODES, check_color_fix
+from compress.options import (
+    COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TILE_MODES, check_color_fix, check_dtype_for_device,
+)
 
 DEFAULT_METRICS = ("psnr", "ssim", "stlpips", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
 DEGRADATIONS = ("realesrgan", "bicubic")

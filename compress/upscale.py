@@ -8,7 +8,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compress.options import COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, check_dtype_for_device, TileSettings, check_color_fix
+from compress.options import (
+    COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TileSettings, check_color_fix, check_dtype_for_device,
+)
 
 EXAMPLES = """examples:
   python -m compress upscale compress/assets/samples/astronaut_lr.png -o outputs/

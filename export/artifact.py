@@ -96,9 +96,9 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
                 spec = graph_specs(with_precisions(student, {name: "fp16"}), (name,))[0]
                 candidate = trace_to_onnx(spec, scratch / f"trial-{name}", opset)
                 worst = math.inf
-                for stages in photos:
-                    source, reference = stages[name]
-                    result = parity_psnr(run_onnx(candidate, source), reference.numpy(), PEAKS.get(spec.output_name))
+                outputs = run_onnx(candidate, [stages[name][0] for stages in photos])
+                for output, stages in zip(outputs, photos):
+                    result = parity_psnr(output, stages[name][1].numpy(), PEAKS.get(spec.output_name))
                     worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
                 keep = worst >= floor
                 fp16_trials[name] = {"fp16_psnr_db": worst if math.isfinite(worst) else None,

@@ -75,11 +75,12 @@ def save_optimized(raw: Path, path: Path) -> list[str]:
     return [path.name, data_name] if external else [path.name]
 
 
-def run_onnx(path: Path, tensor: torch.Tensor) -> np.ndarray:
-    """One ONNX Runtime CPU run of the graph at `path` on a float32 tensor."""
+def run_onnx(path: Path, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """The graph at `path` on each float32 tensor, in one ONNX Runtime CPU session."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: tensor.float().numpy()})[0]
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: tensor.float().numpy()})[0] for tensor in tensors]

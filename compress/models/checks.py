@@ -102,19 +102,22 @@ def check_weights(model_class, folder: Path) -> None:
 
 
 def check_finite(tensors, source) -> None:
-    """Raise naming `source` and the first tensor with NaN or inf values (`tensors`: name -> tensor pairs).
+    """Raise naming the source and the first tensor with NaN or inf values (`tensors`: name -> tensor pairs;
+    `source`: the file, or a function of the tensor's name giving it, called only for a bad tensor).
 
     A NaN in a weight or in the cached prompt turns every output black; it must stop the load, not the user."""
     for name, tensor in tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
+            where = source(name) if callable(source) else source
             raise ModelLoadError(
-                f"{source}: tensor '{name}' has {bad} NaN/inf value(s) of {tensor.numel()}; the file is damaged "
+                f"{where}: tensor '{name}' has {bad} NaN/inf value(s) of {tensor.numel()}; the file is damaged "
                 "or was saved from a diverged run: copy it again or use an earlier checkpoint"
             )
 
 
 def _weight_file_of(folder: Path, name: str) -> Path:
+    """The file of `folder` that holds tensor `name` (the shard, when the weights are sharded)."""
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
@@ -133,6 +136,5 @@ def load_diffusers_model(model_class, folder: Path | str):
         model = model_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
     except Exception as err:
         raise ModelLoadError(f"could not load {model_class.__name__} from {folder}: {err}") from err
-    for name, tensor in model.state_dict().items():
-        check_finite([(name, tensor)], _weight_file_of(folder, name))
+    check_finite(model.state_dict().items(), lambda name: _weight_file_of(folder, name))
     return model.eval()

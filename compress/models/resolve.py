@@ -80,21 +80,20 @@ def load_model(
             f"--model {spec_text}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
             "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
         )
-    from compress.runtime.manifest import MANIFEST_NAME, is_artifact
+    from compress.runtime.manifest import MANIFEST_NAME
 
     if (path / MANIFEST_NAME).is_file() and not (path / STUDENT_CONFIG_NAME).is_file():
-        if not is_artifact(path):
-            from compress.runtime.manifest import read_manifest
-
-            read_manifest(path)  # raises the precise reason (damaged JSON, other format, newer version)
+        from compress.runtime.manifest import read_manifest
         from compress.runtime.onnx import OnnxStudent
+
+        manifest = read_manifest(path)  # a damaged, foreign or newer manifest fails here, naming why
 
         if device != "cpu" or dtype != torch.float32:
             raise ModelLoadError(
                 f"--model {path} is an exported artifact: it runs on ONNX Runtime's CPU provider at the precision "
                 "it was exported with; drop --device/--dtype"
             )
-        runtime = OnnxStudent(path)
+        runtime = OnnxStudent(path, manifest=manifest)
         return LoadedModel(runtime, runtime.describe(), False)
     if not (path / STUDENT_CONFIG_NAME).is_file() and (path / "model" / STUDENT_CONFIG_NAME).is_file():
         path = path / "model"  # a run folder (prune's or distill's OUT): its model

@@ -45,16 +45,6 @@ def file_entries(folder: Path, names: list[str]) -> dict[str, dict]:
     return entries
 
 
-def is_artifact(path: Path | str) -> bool:
-    path = Path(path)
-    if not (path / MANIFEST_NAME).is_file():
-        return False
-    try:
-        return json.loads((path / MANIFEST_NAME).read_text()).get("format") == ARTIFACT_FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
 def read_manifest(folder: Path | str) -> dict:
     """The manifest of an artifact folder, checked for format and version (newer versions named)."""
     folder = Path(folder)
