@@ -27,3 +27,13 @@ def write_results(out: Path, stem: str, payload: Any, markdown: str) -> None:
     write_json(out / f"{stem}.json", payload)
     with atomic_path(out / f"{stem}.md") as tmp:
         tmp.write_text(markdown)
+
+
+def machine_line(machine: dict, threads: int, module: str, argv: list[str] | None, packages=("torch",)) -> str:
+    """'Machine: CPU, N cores, torch X, ..., T threads. Command: `python -m benchmarks.NAME ARGS`.' for a report."""
+    import sys
+
+    versions = ", ".join(f"{name} {machine['packages'].get(name)}" for name in packages)
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    return (f"Machine: {machine['cpu_model']}, {machine['cpu_cores_available']} cores, {versions}, {threads} threads. "
+            f"Command: `python -m {module} {args}`.")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     ns = parser.parse_args(argv)
 
-    from benchmarks import write_results
+    from benchmarks import machine_line, write_results
     from compress import pipeline
     from compress.models.resolve import load_model
     from compress.quality.cost import machine_info
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     text = "\n".join([
         "# Numerical guards: cost on one upscale", "",
-        f"Machine: {machine['cpu_model']}, {machine['cpu_cores_available']} cores, torch "
-        f"{machine['packages']['torch']}, {torch.get_num_threads()} threads. Command: `python -m benchmarks.guards "
-        f"{' '.join(sys.argv[1:] if argv is None else argv)}`.", "",
+        machine_line(machine, torch.get_num_threads(), "benchmarks.guards", argv), "",
         f"{ns.size} x {ns.size} -> {ns.size * 4} x {ns.size * 4}, wavelet colour fix, {ns.rounds} interleaved rounds.", "",
         "| variant | median ms | min–max ms |", "| --- | --- | --- |",
         *[f"| {name} | {medians[name] * 1000:.1f} | {min(v) * 1000:.1f}–{max(v) * 1000:.1f} |" for name, v in times.items()],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     ns = parser.parse_args(argv)
 
-    from benchmarks import write_results
+    from benchmarks import machine_line, write_results
     from compress.models.resolve import load_model
     from compress.quality.cost import machine_info
 
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     text = "\n".join([
         "# Precision on the CPU", "",
-        f"Machine: {machine['cpu_model']}, {machine['cpu_cores_available']} cores, torch {machine['packages']['torch']}, "
-        f"{torch.get_num_threads()} threads. Command: `python -m benchmarks.precision "
-        f"{' '.join(sys.argv[1:] if argv is None else argv)}`.", "",
+        machine_line(machine, torch.get_num_threads(), "benchmarks.precision", argv), "",
         f"Built-in student (unless --model), {ns.size} x {ns.size} -> {ns.size * 4} x {ns.size * 4}, untiled, "
         f"{ns.rounds} interleaved rounds after a warm-up.", "",
         "| dtype | median ms | vs float32 | max abs diff to float32 |", "| --- | --- | --- | --- |",

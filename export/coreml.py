@@ -31,6 +31,7 @@ import torch
 
 from compress.models.student import OneStepSR
 from export.graphs import GRAPH_NAMES, GraphSpec, graph_specs
+from export.parity import parity_psnr
 
 PRECISIONS = ("fp16", "fp32")
 PALETTIZE_BITS = (1, 2, 3, 4, 6, 8)
@@ -600,19 +601,15 @@ def coreml_parity(
         if got.shape != want.shape:
             raise ValueError(f"Core ML output {output_name} has shape {list(got.shape)}, the reference "
                              f"{list(want.shape)}, for input {list(x.shape)}")
-        mse = float(np.mean((got - want) ** 2))
-        results.append({
-            "shape": list(x.shape),
-            "psnr_db": math.inf if mse == 0 else 10 * math.log10(peak * peak / mse),
-            "max_abs_diff": float(np.max(np.abs(got - want))),
-        })
+        results.append({"shape": list(x.shape), **parity_psnr(got, want, peak)})
     return {
         "status": "measured",
         "runner": "injected predictor" if predictor is not None else "Core ML",
         "peak": peak,
         "results": results,
-        "min_psnr_db": min(r["psnr_db"] for r in results) if results else None,
-        "max_abs_diff": max(r["max_abs_diff"] for r in results) if results else None,
+        # a non-finite output counts as the worst possible parity
+        "min_psnr_db": min(r["psnr_db"] if r["finite"] else -math.inf for r in results) if results else None,
+        "max_abs_diff": max(r["max_abs_diff"] if r["finite"] else math.inf for r in results) if results else None,
     }
 
 
