@@ -14,9 +14,10 @@ SUBCOMMANDS = ("upscale", "eval", "prune")
 
 def build_parser() -> argparse.ArgumentParser:
     from compress import evaluate, upscale
+    from compress.cli import OneLineParser
     from compress.prune import cli as prune_cli
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m compress",
         description="Compress the TSD-SR one-step super-resolution student and run it.",
     )

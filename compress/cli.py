@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the flag and where to look (argparse prints the
+    whole usage first, which buries the one line that matters). Sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _flag(field: dataclasses.Field) -> str:
     return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
 
@@ -101,20 +109,45 @@ def comma_separated(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def run_command(ns: argparse.Namespace, interrupted: str = "interrupted") -> int:
-    """Run a parsed subcommand (`ns.run`): a bad input prints one line and returns 2, Ctrl-C returns 130.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` (atomic writes, temporary folders) runs on the way out."""
 
-    Shared by `python -m compress` and `python -m export`, so every command answers alike."""
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_command(ns: argparse.Namespace, interrupted_note: str = "") -> int:
+    """Run a parsed subcommand (`ns.run`): a bad input prints one line and returns 2; Ctrl-C returns 130 and
+    SIGTERM 143 (the shell's 128 + signal), after the temporary files of the interrupted write are removed.
+
+    Shared by `python -m compress`, `python -m export` and `python -m distill`, so every command answers alike."""
+    import signal
     import sys
 
-    from compress.models.errors import ModelLoadError  # no torch: a bad flag value is reported at once too
+    from compress.models.errors import ModelLoadError, TrainingDiverged  # no torch: a bad flag is reported at once
 
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(ns.run(ns) or 0)
-    # ImageInputError and the settings checks are ValueErrors
-    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError) as err:
+    # ImageInputError and the settings checks are ValueErrors; PermissionError: an output that cannot be written
+    except (ModelLoadError, ValueError, FileExistsError, FileNotFoundError, PermissionError,
+            NotADirectoryError, IsADirectoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno in (28, 122):  # ENOSPC, EDQUOT
+            print(f"error: out of disk space ({err.strerror}); free space or choose another output folder: nothing "
+                  "partially written was kept", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        print(("terminated" if terminated else "interrupted") + (f": {interrupted_note}" if interrupted_note else ""),
+              file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)

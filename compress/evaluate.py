@@ -111,6 +111,14 @@ def folder_pairs(folder: Path, args: EvalArgs):
 def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: EvalArgs | None = None,
              base_model: Path | None = None) -> dict:
     """Run the student and bicubic upsampling on the pairs and score both with every requested metric."""
+    from compress.io import check_inputs_exist, check_output_folder
+    from compress.models.preflight import check_model_files
+
+    args = args or EvalArgs()
+    if args.data != "val":
+        check_inputs_exist([Path(args.data)], "--data")
+    check_output_folder(output)
+    check_model_files(model, base_model)  # a damaged folder fails in a second, before torch is imported
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -121,7 +129,6 @@ def evaluate(model: str | None = None, output: Path = Path("runs/eval"), args: E
     from compress.quality.cost import machine_info
     from compress.quality.report import format_table, write_metrics_json
 
-    args = args or EvalArgs()
     loaded = load_model(model, base_model=base_model, device=args.device, dtype=parse_dtype(args.dtype))
     print(f"model: {loaded.description}", file=sys.stderr)
     print(f"settings: colour fix {args.color_fix}; tiling {args.tile}; degradation {args.degradation}, seed "

@@ -60,3 +60,37 @@ def atomic_dir(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
 def write_json(path: Path | str, payload: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_output_folder(path: Path | str, flag: str = "-o") -> None:
+    """Refuse, before any work, an output folder that cannot be created or written: a path that is a file, or
+    whose nearest existing folder refuses a new entry. Probed by creating and removing a temporary folder
+    (permission bits alone say nothing for root or a read-only mount); nothing is left behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file, not a folder; give a folder path")
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FileExistsError(f"{flag} {path}: {probe} is a file, so the folder cannot be created; give another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=probe))
+    except OSError as err:
+        raise PermissionError(
+            f"{flag} {path}: cannot write in {probe} ({err.strerror}); give a folder you can write"
+        ) from None
+
+
+def check_inputs_exist(paths: list[Path], what: str = "input") -> None:
+    """Every input path exists and none is given twice (named, so the user fixes them all at once)."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"{what} not found: {', '.join(missing)}")
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            also = f" (also as {seen[key]})" if str(seen[key]) != str(p) else ""
+            raise ValueError(f"{what} {p} is given twice{also}; give each once")
+        seen[key] = Path(p)

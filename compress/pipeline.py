@@ -123,6 +123,25 @@ def check_whole_image(model, lr: torch.Tensor) -> None:
         )
 
 
+def decode_with_fp32_fallback(model, latent: torch.Tensor, tiling, progress=None) -> torch.Tensor:
+    """`model.decode`, redone with the VAE in float32 when a float16 decode overflows.
+
+    fp16 VAE decoders overflow to inf on some images (the SD/SDXL VAE's known failure; diffusers' `force_upcast`),
+    where float32 is fine; bfloat16 has float32's range and does not. The fallback runs only for the image that
+    overflowed, says so, and puts the VAE back in float16, so memory stays what the user chose."""
+    decoded = model.decode(latent, tiling=tiling, progress=progress)
+    if decoded.dtype != torch.float16 or bool(torch.isfinite(decoded).all()):
+        return decoded
+    import sys
+
+    print("note: the VAE decoder overflowed in float16 on this image; decoded it again in float32", file=sys.stderr)
+    model.vae.float()
+    try:
+        return model.decode(latent.float(), tiling=tiling, progress=None)
+    finally:
+        model.vae.half()
+
+
 @torch.no_grad()
 def upscale_tensor(
     model: OneStepSR,
@@ -173,7 +192,7 @@ def upscale_tensor(
     del velocity
     return_free_memory()
     with _stage_bar("VAE decoder", vae_tiles, progress) as step:
-        decoded = model.decode(latent, tiling=vae_tiling, progress=step)
+        decoded = decode_with_fp32_fallback(model, latent, vae_tiling, step)
     del latent
     sr = model.postprocess(check_stage("VAE decoder", decoded), lr_size).float().clamp_(0.0, 1.0)
     del decoded

@@ -120,6 +120,10 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / CHECKPOINT_DIR
         self.keep = int(keep)
+        if accelerator.is_main_process and self.folder.is_dir():
+            # a checkpoint being written when the run was killed: never complete, never listed; cleared here
+            for stale in self.folder.glob(".step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

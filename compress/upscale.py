@@ -74,8 +74,15 @@ def upscale(
 ) -> UpscaleSummary:
     """Upscale every image in `inputs` (files and folders) 4x into the folder `output`.
 
-    Unreadable images are reported and skipped; the others are still written (each file atomically).
+    Unreadable images are reported and skipped; the others are still written (each file atomically). Missing
+    inputs, an output that cannot be written and a damaged model folder fail before anything heavy is imported.
     """
+    from compress.io import check_inputs_exist, check_output_folder
+    from compress.models.preflight import check_model_files
+
+    check_inputs_exist(list(inputs))
+    check_output_folder(output)
+    check_model_files(model, base_model)
     import torch
     from tqdm import tqdm
 

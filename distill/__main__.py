@@ -71,11 +71,26 @@ class TrainArgs:
         return RecipeConfig.from_yaml(self.preset, overrides)
 
 
+def check_inputs(cfg: RecipeConfig, out: Path) -> None:
+    """Refuse in a second, before torch is imported: an output that cannot be written, damaged model folders."""
+    from compress.io import check_output_folder
+    from compress.models.preflight import check_model_files, check_prior
+
+    check_output_folder(out, "--out")
+    if cfg.model.prior:
+        check_prior(cfg.model.prior)
+    if cfg.model.student_init not in ("lora", "builtin"):
+        check_model_files(cfg.model.student_init, flag="--student")
+    if cfg.loss.needs_kd_teacher:
+        check_model_files(None if cfg.model.kd_teacher == "builtin" else cfg.model.kd_teacher, flag="--teacher")
+
+
 def train(args: TrainArgs) -> int:
     """Run one distillation recipe into a self-describing run folder."""
+    cfg = args.config()
+    check_inputs(cfg, args.out)
     from distill.recipe import run_recipe
 
-    cfg = args.config()
     recipe = run_recipe(cfg, args.out, resume=args.resume, max_steps=args.max_steps)
     if recipe.accelerator.is_main_process:
         print(f"{cfg.name}: step {recipe.state.step}/{cfg.train.steps}; run folder {args.out}")
@@ -91,30 +106,19 @@ def presets() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compress.cli import add_dataclass_arguments, dataclass_from_namespace
+    from compress.cli import OneLineParser, add_dataclass_arguments, dataclass_from_namespace, run_command
 
-    parser = argparse.ArgumentParser(prog="python -m distill", description=__doc__,
+    parser = OneLineParser(prog="python -m distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run a distillation recipe", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(p, TrainArgs)
-    sub.add_parser("presets", help="list presets")
+    p.set_defaults(run=lambda ns: train(dataclass_from_namespace(TrainArgs, ns)))
+    sub.add_parser("presets", help="list presets").set_defaults(run=lambda ns: presets())
     ns = parser.parse_args(argv)
-    try:
-        if ns.command == "presets":
-            return presets()
-        return train(dataclass_from_namespace(TrainArgs, ns))
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except Exception as error:  # model-loading problems carry their own clear message
-        from compress.models.errors import ModelLoadError
-
-        if isinstance(error, ModelLoadError):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
+    return run_command(ns, interrupted_note=f"resume with --resume from the last checkpoint in {getattr(ns, 'out', '')}"
+                       if ns.command == "train" else "")
 
 
 if __name__ == "__main__":

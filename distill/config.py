@@ -201,9 +201,12 @@ class TrainSection:
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0: no EMA; else the EMA weights are the ones saved
     save_half: bool = True  # store the final base weights in fp16 (release layout)
+    # a step with a non-finite loss or gradient is skipped (no update) and counted; this many in a row stop the
+    # run, its newest checkpoint being the last good one
+    max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+        for key in ("steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.hr_size < 32 or self.hr_size % 32:

@@ -27,7 +27,7 @@ from torch import nn
 from compress.data.pairs import SRPairDataset
 from compress.data.photos import list_photos
 from compress.io import atomic_dir, atomic_path, write_json
-from compress.models.errors import ModelLoadError
+from compress.models.errors import ModelLoadError, TrainingDiverged
 from compress.models.hooks import block_outputs
 from compress.models.lora import (
     FAKE_SCORE_LORA_TARGETS,
@@ -61,7 +61,7 @@ from distill.training import (
 
 MODEL_DIR = "model"
 LOG_COLUMNS = ("step", "seconds", "total", "lr", "perceptual", "latent_mse", "pixel_l1", "tsd", "kd_latent_l1",
-               "kd_latent_mse", "kd_feature", "hf_score", "adversarial", "fake_score", "discriminator")
+               "kd_latent_mse", "kd_feature", "hf_score", "adversarial", "fake_score", "discriminator", "nonfinite")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -182,6 +182,8 @@ class RunState:
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    nonfinite_steps: int = 0  # skipped for a non-finite loss or gradient, over the whole run
+    streak: list[int] = field(default_factory=list)  # the current run of such steps
 
 
 class DistillRecipe:
@@ -314,7 +316,7 @@ class DistillRecipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        self.checkpoints.save(self.state.step, seconds=self.state.seconds)
+        self.checkpoints.save(self.state.step, seconds=self.state.seconds, nonfinite_steps=self.state.nonfinite_steps)
 
     def _restore(self) -> None:
         if not list_checkpoints(self.out):
@@ -324,6 +326,7 @@ class DistillRecipe:
             )
         saved = self.checkpoints.restore()
         self.state.step, self.state.seconds = int(saved["step"]), float(saved["seconds"])
+        self.state.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
         if self.accelerator.is_main_process:  # drop rows written after the checkpoint
             self.state.history = self.log.truncate(self.state.step)
 
@@ -389,14 +392,21 @@ class DistillRecipe:
                 terms["adversarial"] = hinge_g_loss(self.discriminator(fake_in, timesteps, self.prior.cond, return_all=True))
             total = sum(getattr(loss_cfg, name) * value for name, value in terms.items())
             acc.backward(total)
+            finite = bool(torch.isfinite(total.detach()))
             if acc.sync_gradients:
-                acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.lr_scheduler.step()
+                finite &= bool(torch.isfinite(acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)))
+            finite = self._on_every_rank(finite)
+            if finite:
+                self.optimizer.step()
+            self.lr_scheduler.step()  # the schedule keeps its pace over skipped steps, as AMP's loss scaling does
             self.optimizer.zero_grad(set_to_none=True)
 
         logs = {name: float(value.detach()) for name, value in terms.items()}
         logs["total"] = float(total.detach())
+        logs["nonfinite"] = 0.0 if finite else 1.0
+        if not finite:  # nothing else learns from a step whose student output or loss is not finite
+            logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+            return logs
         if self.fake is not None:  # TSD-SR: the fake-score model is updated after every student step
             indices = self.schedule.sample_indices(latent.shape[0], g_index, loss_cfg.tsd_settings.index_low,
                                                    loss_cfg.tsd_settings.index_high)
@@ -427,6 +437,29 @@ class DistillRecipe:
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         return logs
 
+    def _on_every_rank(self, finite: bool) -> bool:
+        """True only if `finite` holds in every process, so that all of them skip the same steps."""
+        if self.accelerator.num_processes == 1:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(flag, reduction="sum")) == 0.0
+
+    def _count_nonfinite(self, step: int, logs: dict[str, float]) -> None:
+        """Count a skipped step; stop the run when `train.max_nonfinite_steps` come in a row."""
+        if not logs["nonfinite"]:
+            self.state.streak = []
+            return
+        self.state.nonfinite_steps += 1
+        self.state.streak.append(step)
+        if len(self.state.streak) >= self.cfg.train.max_nonfinite_steps:
+            newest = self.checkpoints.latest()
+            kept = f"the last good checkpoint is {newest}" if newest else "no checkpoint had been written yet"
+            raise TrainingDiverged(
+                f"{self.cfg.name}: steps {self.state.streak[0]}-{self.state.streak[-1]} all had a non-finite loss or "
+                f"gradient and were skipped (train.max_nonfinite_steps = {self.cfg.train.max_nonfinite_steps}); "
+                f"stopped, {kept}. Lower optim.lr or check the data, then continue with --resume"
+            )
+
     def run(self) -> "DistillRecipe":
         from tqdm.auto import tqdm
 
@@ -438,6 +471,7 @@ class DistillRecipe:
             step = self.state.step
             logs = self.train_step(step)
             self.state.step = step + 1
+            self._count_nonfinite(self.state.step, logs)
             now = time.time()
             self.state.seconds += now - last
             last = now
@@ -447,7 +481,8 @@ class DistillRecipe:
                 self.log.append([row])
                 bar.set_postfix(loss=f"{logs['total']:.4f}", refresh=False)
             bar.update(1)
-            if self.state.step % self.cfg.train.checkpoint_every == 0 or self.state.step == self.stop_at:
+            due = self.state.step % self.cfg.train.checkpoint_every == 0 or self.state.step == self.stop_at
+            if due and not self.state.streak:  # during a run of skipped steps the newest checkpoint stays the good one
                 self._save_checkpoint()
         bar.close()
         return self
@@ -487,13 +522,14 @@ class DistillRecipe:
             saved.save_pretrained(target, overwrite=True)
         if self.ema is not None:
             self.ema.restore(self.trainable)
-        last = self.state.history[-20:]
+        last = [r for r in self.state.history[-20:] if not float(r.get("nonfinite") or 0)]  # skipped steps: no loss
         logged = {k: [float(r[k]) for r in last if r.get(k) not in (None, "")] for k in LOG_COLUMNS}
-        final = {k: sum(v) / len(v) for k, v in logged.items() if v and k not in ("step", "seconds", "lr")}
+        final = {k: sum(v) / len(v) for k, v in logged.items() if v and k not in ("step", "seconds", "lr", "nonfinite")}
         metrics = {
             "recipe": self.cfg.name,
             "steps": self.state.step,
             "train_seconds": round(self.state.seconds, 1),
+            "nonfinite_steps_skipped": self.state.nonfinite_steps,
             "processes": acc.num_processes,
             "final_losses_mean_last_20": {k: round(v, 6) for k, v in final.items()},
             "perceptual_loss": self.perceptual_name,
@@ -507,6 +543,7 @@ class DistillRecipe:
             f"- steps: {self.state.step} ({metrics['train_seconds']} s on {acc.num_processes} process(es), "
             f"{metrics['machine'].get('cpu_model', '')})",
             f"- perceptual loss: {self.perceptual_name}",
+            f"- steps skipped for a non-finite loss or gradient: {self.state.nonfinite_steps}",
             f"- trainable parameters: {metrics['trainable_parameters']:,}",
             "- final losses (mean of the last 20 logged steps): "
             + ", ".join(f"{k} {v:.4g}" for k, v in final.items()),

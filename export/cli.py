@@ -100,9 +100,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compress.cli import add_dataclass_arguments
+    from compress.cli import OneLineParser, add_dataclass_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{onnx,coreml,validate}")
     onnx = sub.add_parser("onnx", help="ONNX graphs validated in ONNX Runtime", epilog=ONNX_EXAMPLES,
                           description=run_onnx.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,13 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_inputs(ns) -> None:
+    """What can be refused in a second, before torch is imported: the output path and the model's files."""
+    from compress.io import check_output_folder
+    from compress.models.preflight import check_model_files
+
+    check_output_folder(ns.output)
+    if ns.output.exists() and not ns.overwrite:
+        raise FileExistsError(f"-o {ns.output} already exists; pass --overwrite to replace it")
+    check_model_files(ns.model, ns.base_model)
+
+
 def _load(ns):
     from compress.models.errors import ModelLoadError
     from compress.models.resolve import load_model
     from compress.models.student import OneStepSR
 
-    if ns.output.exists() and not ns.overwrite:
-        raise FileExistsError(f"-o {ns.output} already exists; pass --overwrite to replace it")
     loaded = load_model(ns.model, base_model=ns.base_model)
     if not isinstance(loaded.model, OneStepSR):
         raise ModelLoadError(f"--model {ns.model} is already an exported artifact; export from the student it came from")
@@ -162,9 +171,11 @@ def run_onnx(ns: argparse.Namespace) -> int:
     fallback, validated (parity with PyTorch on photos, quality budget). Writes OUT/*.onnx, manifest.json,
     report.json and report.md."""
     from compress.cli import dataclass_from_namespace
-    from export.artifact import export_onnx
 
     args = dataclass_from_namespace(OnnxArgs, ns)
+    _check_inputs(ns)
+    from export.artifact import export_onnx
+
     loaded = _load(ns)
     report = export_onnx(loaded.model, ns.output, model_arg=ns.model, description=loaded.description,
                          precision=args.precision, opset=args.opset, components=args.components,
@@ -179,9 +190,11 @@ def run_coreml(ns: argparse.Namespace) -> int:
     shapes, precision, compression, size) and its numerical parity is reported as skipped (Core ML runs
     only on macOS). Writes OUT/*.mlpackage, manifest.json, report.json and report.md."""
     from compress.cli import dataclass_from_namespace
-    from export.artifact import export_coreml
 
     args = dataclass_from_namespace(CoremlArgs, ns)
+    _check_inputs(ns)
+    from export.artifact import export_coreml
+
     loaded = _load(ns)
     report = export_coreml(loaded.model, ns.output, model_arg=ns.model, description=loaded.description,
                            precision=args.precision, palettize_bits=args.palettize, int8=args.int8,
@@ -208,4 +221,4 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     from compress.cli import run_command
 
-    return run_command(ns, interrupted="interrupted: no artifact folder was written")
+    return run_command(ns, interrupted_note="no artifact folder was written")

@@ -155,3 +155,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line("tree PSS   largest process RSS   test")
     for nodeid, (pss, rss) in ranked[:15]:
         terminalreporter.write_line(f"{pss / 2**20:6.2f} GB  {rss / 2**20:6.2f} GB            {nodeid}")
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(tmp_path_factory) -> Path:
+    """A prior folder in the layout scripts/train_reference.py writes (TSD-SR release layout), random tiny weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from compress.models.presets import build_random_components, get_preset
+    from compress.models.release import prior_paths
+    from distill.reference.kit import save_embeddings
+
+    root = tmp_path_factory.mktemp("prior")
+    layout = prior_paths(root)
+    transformer, vae, prompt, pooled = build_random_components(get_preset("tiny"), seed=5)
+    transformer.save_pretrained(layout.transformer)
+    vae.save_pretrained(layout.vae)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(layout.scheduler)
+    save_embeddings(root, {"prompt_embeds": prompt, "pool_embeds": pooled,
+                           "null_prompt_embeds": torch.zeros_like(prompt), "null_pool_embeds": torch.zeros_like(pooled)})
+    return root

@@ -21,26 +21,6 @@ FAST_SETTINGS = {"train.batch_size": "1", "train.hr_size": "64", "train.checkpoi
 FAST = [arg for key, value in FAST_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
 
 
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory) -> Path:
-    """A prior folder in the layout scripts/train_reference.py writes (TSD-SR release layout), random tiny weights."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from compress.models.presets import build_random_components, get_preset
-    from compress.models.release import prior_paths
-    from distill.reference.kit import save_embeddings
-
-    root = tmp_path_factory.mktemp("prior")
-    layout = prior_paths(root)
-    transformer, vae, prompt, pooled = build_random_components(get_preset("tiny"), seed=5)
-    transformer.save_pretrained(layout.transformer)
-    vae.save_pretrained(layout.vae)
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(layout.scheduler)
-    save_embeddings(root, {"prompt_embeds": prompt, "pool_embeds": pooled,
-                           "null_prompt_embeds": torch.zeros_like(prompt), "null_pool_embeds": torch.zeros_like(pooled)})
-    return root
-
-
 def _log(run: Path) -> list[dict]:
     with (run / "log.csv").open() as f:
         return list(csv.DictReader(f))
@@ -265,3 +245,65 @@ def test_a_pruned_student_redistills_with_the_tsd_loss_and_kd(tiny_prior, tiny_r
     before = pruned.transformer.state_dict()
     moved = [k for k, v in saved.transformer.state_dict().items() if not torch.equal(v, before[k])]
     assert moved and all(not k.endswith("modulation") for k in moved)  # weights train, cached buffers stay
+
+
+def _nan_inputs_at(recipe, bad_steps):
+    """Make the LR batch of the given (0-based) steps NaN: the student's output and every loss go non-finite."""
+    data = recipe.data
+
+    def poisoned(step):
+        lr, hr = data(step)
+        return (torch.full_like(lr, float("nan")), hr) if step in bad_steps else (lr, hr)
+
+    recipe.data = poisoned
+
+
+def test_a_non_finite_step_is_skipped_counted_and_changes_no_weight(tiny_prior, tmp_path):
+    from distill.recipe import DistillRecipe
+
+    overrides = {"model.prior": str(tiny_prior), "train.steps": "5", **FAST_SETTINGS}
+    recipe = DistillRecipe(RecipeConfig.from_yaml("reference-tsd", overrides), tmp_path / "run", progress=False)
+    recipe.load().setup()
+    _nan_inputs_at(recipe, {1, 2})
+    moved = []
+    train_step = recipe.train_step
+
+    def watched(step):
+        before = {"student": _snapshot(recipe.student), "fake": _snapshot(recipe.fake)}
+        logs = train_step(step)
+        after = {"student": _snapshot(recipe.student), "fake": _snapshot(recipe.fake)}
+        moved.append({part: any(not torch.equal(before[part][k], after[part][k]) for k in before[part])
+                      for part in before})
+        return logs
+
+    recipe.train_step = watched
+    recipe.run().save()
+    assert moved == [{"student": True, "fake": True}, {"student": False, "fake": False},
+                     {"student": False, "fake": False}, {"student": True, "fake": True},
+                     {"student": True, "fake": True}]
+    rows = _log(tmp_path / "run")
+    assert [float(r["nonfinite"]) for r in rows] == [0, 1, 1, 0, 0]
+    assert math.isnan(float(rows[1]["total"])) and math.isfinite(float(rows[3]["total"]))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["nonfinite_steps_skipped"] == 2
+    assert all(math.isfinite(v) for v in metrics["final_losses_mean_last_20"].values())
+    assert "skipped for a non-finite loss or gradient: 2" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_with_the_last_good_checkpoint(tiny_prior, tmp_path):
+    from compress.models.errors import TrainingDiverged
+    from compress.training import list_checkpoints, read_trainer_state
+    from distill.recipe import DistillRecipe
+
+    overrides = {"model.prior": str(tiny_prior), "train.steps": "8", **FAST_SETTINGS, "train.checkpoint_every": "1",
+                 "train.max_nonfinite_steps": "3"}
+    recipe = DistillRecipe(RecipeConfig.from_yaml("reference-tsd", overrides), tmp_path / "run", progress=False)
+    recipe.load().setup()
+    _nan_inputs_at(recipe, set(range(2, 8)))
+    with pytest.raises(TrainingDiverged, match=r"steps 3-5 all had a non-finite loss .* the last good checkpoint is "
+                                               r".*step-0000002"):
+        recipe.run()
+    found = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in found] == ["step-0000001", "step-0000002"]
+    assert read_trainer_state(found[-1])["nonfinite_steps"] == 0
+    assert not (tmp_path / "run" / "model").exists()

@@ -122,3 +122,27 @@ def test_half_precision_on_the_cpu_is_refused_before_any_work(dtype, tmp_path, c
     assert code == 2 and f"--dtype {dtype} on cpu" in err and "use --dtype float32" in err
     assert len(err.strip().splitlines()) == 1 and time.perf_counter() - start < 5
     assert not (tmp_path / "out").exists()
+
+
+def test_an_fp16_vae_decoder_overflow_is_decoded_again_in_fp32(capsys):
+    """The CUDA path's guard, run on the CPU (PyTorch's CPU has fp16 kernels, only slow): a decoder whose first
+    convolution overflows float16 gives inf; the pipeline decodes that image again in float32 and returns a
+    finite image, leaving the VAE in float16."""
+    from compress.models.resolve import load_model
+    from compress.options import TileSettings
+    from compress.pipeline import upscale_tensor
+
+    model = load_model("preset:tiny@3").model
+    with torch.no_grad():  # weights up to 2e4 fit float16, their sums do not; GroupNorm follows in float32
+        weight = model.vae.decoder.conv_in.weight
+        weight.mul_(2e4 / float(weight.abs().max()))
+    model = model.to_runtime("cpu", torch.float16)
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model.decode(model.encode(model.preprocess(lr.half())))
+    assert not bool(torch.isfinite(plain).all()), "the fixture must overflow in float16"
+    capsys.readouterr()
+    sr = upscale_tensor(model, lr, TileSettings(mode="off"), color_fix="none")
+    assert bool(torch.isfinite(sr).all()) and sr.shape == (1, 3, 64, 64) and float(sr.std()) > 0
+    assert "overflowed in float16 on this image; decoded it again in float32" in capsys.readouterr().err
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float16}

@@ -12,30 +12,9 @@ from pathlib import Path
 import torch
 
 from compress.models.errors import ModelLoadError
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    single = folder / WEIGHTS_NAME
-    index = folder / WEIGHTS_INDEX_NAME
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ModelLoadError(f"{index} is not a valid safetensors index ({err})") from err
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise ModelLoadError(f"{index} lists shard(s) that are missing: {missing}")
-        return files
-    raise ModelLoadError(
-        f"no weights in {folder}: expected {WEIGHTS_NAME} (or a sharded {WEIGHTS_INDEX_NAME}). "
-        "Only safetensors weights are loaded; convert .bin files with diffusers' save_pretrained."
-    )
+from compress.models.layout import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from compress.models.preflight import nonfinite_error
+from compress.models.preflight import weight_files as _weight_files
 
 
 def read_safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -109,11 +88,7 @@ def check_finite(tensors, source) -> None:
     for name, tensor in tensors:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
-            where = source(name) if callable(source) else source
-            raise ModelLoadError(
-                f"{where}: tensor '{name}' has {bad} NaN/inf value(s) of {tensor.numel()}; the file is damaged "
-                "or was saved from a diverged run: copy it again or use an earlier checkpoint"
-            )
+            raise nonfinite_error(source(name) if callable(source) else source, name, bad, tensor.numel())
 
 
 def _weight_file_of(folder: Path, name: str) -> Path:

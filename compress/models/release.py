@@ -19,114 +19,17 @@ the reference-kit stages (``distill/reference/kit.py``) and ``distill.recipe.loa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compress.models.errors import ModelLoadError
-from compress.models.student import OneStepSR, StudentSettings
-
-LORA_SUBDIR = Path("checkpoint/tsdsr")
-EMBEDDING_SUBDIR = Path("dataset/default")
-TRANSFORMER_LORA = "transformer.safetensors"
-VAE_LORA = "vae.safetensors"
-PROMPT_EMBEDS = "prompt_embeds.pt"
-POOLED_EMBEDS = "pool_embeds.pt"
-NULL_EMBEDDING_SUBDIR = Path("dataset/null")  # TSD-SR's null-prompt embeddings (CFG's unconditional branch)
-PRIOR_BASE_SUBDIR = Path("base")  # where a prior folder keeps its diffusers base (transformer/, vae/, scheduler/)
-BASE_PARTS = ("transformer", "vae", "scheduler")
-# Where a base model is looked for inside a release root, in order.
-BASE_CANDIDATES = ("base", "stable-diffusion-3-medium-diffusers")
-
-HOW_TO_GET = (
-    "TSD-SR's LoRA and embedding files come from the release linked in the TSD-SR README "
-    "(github.com/Microtreei/TSD-SR: checkpoint/tsdsr/*.safetensors, dataset/default/*.pt); the base model is "
-    "stabilityai/stable-diffusion-3-medium-diffusers in diffusers layout (transformer/, vae/, scheduler/). "
-    "Download them on a machine with access and copy them here; this toolkit never downloads."
+from compress.models.layout import (  # noqa: F401  (the release layout's names, re-exported)
+    BASE_CANDIDATES, BASE_PARTS, EMBEDDING_SUBDIR, HOW_TO_GET, LORA_SUBDIR, NULL_EMBEDDING_SUBDIR, POOLED_EMBEDS,
+    PRIOR_BASE_SUBDIR, PROMPT_EMBEDS, TRANSFORMER_LORA, VAE_LORA, PriorPaths, ReleasePaths, check_release_files,
+    is_release_root, prior_paths, release_paths,
 )
-
-
-@dataclass(frozen=True)
-class ReleasePaths:
-    base: Path
-    lora_dir: Path
-    embedding_dir: Path
-
-    @property
-    def files(self) -> dict[str, Path]:
-        return {
-            "base transformer config": self.base / "transformer" / "config.json",
-            "base VAE config": self.base / "vae" / "config.json",
-            "transformer LoRA": self.lora_dir / TRANSFORMER_LORA,
-            "VAE-encoder LoRA": self.lora_dir / VAE_LORA,
-            "prompt embedding": self.embedding_dir / PROMPT_EMBEDS,
-            "pooled prompt embedding": self.embedding_dir / POOLED_EMBEDS,
-        }
-
-
-@dataclass(frozen=True)
-class PriorPaths:
-    """The files of a prior folder: ``base/{transformer,vae,scheduler}`` and the four embedding files."""
-
-    root: Path
-
-    @property
-    def base(self) -> Path:
-        return self.root / PRIOR_BASE_SUBDIR
-
-    @property
-    def transformer(self) -> Path:
-        return self.base / "transformer"
-
-    @property
-    def vae(self) -> Path:
-        return self.base / "vae"
-
-    @property
-    def scheduler(self) -> Path:
-        return self.base / "scheduler"
-
-    @property
-    def embeddings(self) -> dict[str, Path]:
-        """``{"prompt_embeds", "pool_embeds", "null_prompt_embeds", "null_pool_embeds"} -> file``."""
-        return {
-            "prompt_embeds": self.root / EMBEDDING_SUBDIR / PROMPT_EMBEDS,
-            "pool_embeds": self.root / EMBEDDING_SUBDIR / POOLED_EMBEDS,
-            "null_prompt_embeds": self.root / NULL_EMBEDDING_SUBDIR / PROMPT_EMBEDS,
-            "null_pool_embeds": self.root / NULL_EMBEDDING_SUBDIR / POOLED_EMBEDS,
-        }
-
-
-def prior_paths(root: Path | str) -> PriorPaths:
-    """The file layout of the prior folder at ``root`` (the TSD-SR release layout with ``base/`` inside)."""
-    return PriorPaths(Path(root))
-
-
-def is_release_root(path: Path) -> bool:
-    return (Path(path) / LORA_SUBDIR).is_dir() or (Path(path) / EMBEDDING_SUBDIR).is_dir()
-
-
-def release_paths(root: Path, base: Path | None = None) -> ReleasePaths:
-    """Resolve a release root (+ optional separate base folder) into the folders the loader reads."""
-    root = Path(root)
-    if base is None:
-        looked = [root / name for name in BASE_CANDIDATES]
-        found = [p for p in looked if (p / "transformer").is_dir()]
-        if not found:
-            raise ModelLoadError(
-                f"no SD3 base model found for release {root}: looked for {', '.join(str(p) for p in looked)} "
-                "(a diffusers folder with transformer/ and vae/). Pass it with --base-model. " + HOW_TO_GET
-            )
-        base = found[0]
-    return ReleasePaths(base=Path(base), lora_dir=root / LORA_SUBDIR, embedding_dir=root / EMBEDDING_SUBDIR)
-
-
-def check_release_files(paths: ReleasePaths) -> None:
-    missing = [f"{what} ({path})" for what, path in paths.files.items() if not path.is_file()]
-    if missing:
-        raise ModelLoadError("TSD-SR release incomplete, missing: " + "; ".join(missing) + ". " + HOW_TO_GET)
-
+from compress.models.student import OneStepSR, StudentSettings
 
 def load_embedding(path: Path, what: str, width: int, token_axis: bool) -> torch.Tensor:
     """Read a torch.save'd embedding: (1, tokens, width) / (1, width); the leading batch axis is optional."""

@@ -19,15 +19,11 @@ from pathlib import Path
 import torch
 
 from compress.models.errors import ModelLoadError
-from compress.models.student import STUDENT_CONFIG_NAME, OneStepSR
-
-# The built-in models and the sample photo, inside the installed package (compress/assets/).
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-# The built-in reference student (TSD-SR release layout) and its reconstruction-only baseline (LoRAs and
-# embeddings only; it loads on REFERENCE_DIR / "base").
-REFERENCE_DIR = ASSETS_DIR / "reference"
-REFERENCE_REC_DIR = ASSETS_DIR / "reference-rec"
-SAMPLE_IMAGE = ASSETS_DIR / "samples" / "astronaut_lr.png"
+from compress.models.layout import (  # noqa: F401  (re-exported: where the built-in models are)
+    ASSETS_DIR, REFERENCE_DIR, REFERENCE_REC_DIR, SAMPLE_IMAGE, STUDENT_CONFIG_NAME,
+)
+from compress.models.preflight import missing_model_error
+from compress.models.student import OneStepSR
 
 
 @dataclass
@@ -76,10 +72,7 @@ def load_model(
         return LoadedModel(model.to_runtime(device, dtype), description, True)
     path = Path(spec_text)
     if not path.exists():
-        raise ModelLoadError(
-            f"--model {spec_text}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
-            "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
-        )
+        raise missing_model_error(spec_text)
     from compress.runtime.manifest import MANIFEST_NAME
 
     if (path / MANIFEST_NAME).is_file() and not (path / STUDENT_CONFIG_NAME).is_file():

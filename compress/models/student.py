@@ -26,11 +26,10 @@ from torch import nn
 
 from compress.models.bicubic import bicubic_upsample
 from compress.models.errors import ModelLoadError
+from compress.models.preflight import check_format_version
 from compress.options import VAETiling
 
-STUDENT_CONFIG_NAME = "student_config.json"
-CONDITIONING_NAME = "conditioning.safetensors"
-FORMAT_TAG = "tinysr-toolkit/one-step-sr"
+from compress.models.layout import CONDITIONING_NAME, FORMAT_TAG, STUDENT_CONFIG_NAME, STUDENT_FORMAT_VERSION
 
 
 @dataclass
@@ -267,7 +266,7 @@ class OneStepSR(nn.Module):
                 conditioning["pooled_prompt_embeds"] = self.pooled_prompt_embeds.detach().float().cpu().contiguous()
             if conditioning:
                 save_file(conditioning, str(tmp / CONDITIONING_NAME))
-            payload = {"format": FORMAT_TAG, "version": 1, **asdict(self.settings)}
+            payload = {"format": FORMAT_TAG, "version": STUDENT_FORMAT_VERSION, **asdict(self.settings)}
             payload["transformer_class"] = type(self.transformer).__name__
             payload["vae_class"] = type(self.vae).__name__
             write_json(tmp / STUDENT_CONFIG_NAME, payload)
@@ -291,6 +290,7 @@ class OneStepSR(nn.Module):
             raise ModelLoadError(f"{config_path} is not valid JSON ({err}); the folder is damaged") from err
         if payload.get("format") != FORMAT_TAG:
             raise ModelLoadError(f"{config_path}: 'format' is {payload.get('format')!r}, expected {FORMAT_TAG!r}")
+        check_format_version(config_path, payload.get("version"))
         fields = StudentSettings.__dataclass_fields__
         settings = StudentSettings(**{k: v for k, v in payload.items() if k in fields})
         classes = {}

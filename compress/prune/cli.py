@@ -208,8 +208,14 @@ def run_from_args(ns: argparse.Namespace) -> int:
     args = dataclass_from_namespace(PruneArgs, ns)
     if ns.output is None and not args.dry_run:
         raise ValueError("-o/--output is required (or pass --dry-run)")
+    from compress.io import check_output_folder
+    from compress.models.preflight import check_model_files
+
+    if ns.output is not None and not args.dry_run:
+        check_output_folder(ns.output)
     if ns.output is not None and ns.output.exists() and not args.overwrite and not args.dry_run:
         raise FileExistsError(f"-o {ns.output} already exists; pass --overwrite to replace it")
+    check_model_files(ns.model, ns.base_model)  # a damaged folder fails in a second, before torch is imported
     from compress.budget import BUDGET_EXIT_CODE
     from compress.prune.run import prune
 

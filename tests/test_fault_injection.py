@@ -1,0 +1,96 @@
+"""SIGKILL at random points of a distillation run (compress/training.py's checkpoints, distill/recipe.py's run):
+the next `--resume` continues from the newest complete checkpoint, loses at most one checkpoint interval, and
+ends with the loss curve of an uninterrupted run; before that, no run folder looks complete.
+
+The default suite kills one run; `pytest -m slow tests/test_fault_injection.py` kills ten, at kill points
+drawn from a fixed seed (a step count, then a delay inside the next step, which lands some kills in the
+middle of a checkpoint write).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compress.training import list_checkpoints, read_trainer_state
+from tests.conftest import REPO, run_cli
+
+STEPS, EVERY = 6, 2
+
+
+def _args(prior: Path, out: Path) -> list[str]:
+    settings = {"train.batch_size": 1, "train.hr_size": 64, "train.checkpoint_every": EVERY,
+                "loss.perceptual_net": "stlpips"}
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    return ["distill", "train", "--preset", "reference-tsd", "--prior", str(prior), "--steps", str(STEPS), *sets,
+            "--out", str(out)]
+
+
+def _rows(run: Path) -> list[dict]:
+    if not (run / "log.csv").is_file():
+        return []
+    with (run / "log.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_prior, tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    result = run_cli(*_args(tiny_prior, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return _rows(out)
+
+
+def _kill_then_resume(prior: Path, out: Path, after_steps: int, delay: float, straight_rows: list[dict]) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", *_args(prior, out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(_rows(out)) < after_steps:
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before the kill point"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -9, "the run finished before it was killed: move the kill point"
+    done = len(_rows(out))
+    # Nothing looks complete: no final model, no metrics, and only complete checkpoints are listed.
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    saved = [int(read_trainer_state(path)["step"]) for path in list_checkpoints(out)]
+    newest = max(saved, default=0)
+    assert done - newest <= EVERY, (done, saved)  # at most one checkpoint interval lost
+
+    resumed = run_cli(*_args(prior, out), *(["--resume"] if saved else []))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = _rows(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    for got, want in zip(rows, straight_rows):
+        for key in ("total", "tsd", "fake_score", "perceptual"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-7), (got["step"], key)
+    assert (out / "model").is_dir() and (out / "metrics.json").is_file()
+    assert not list((out / "checkpoints").glob(".*.tmp")), "a killed checkpoint's temporary folder was left"
+    return {"killed_after": done, "newest_checkpoint": newest}
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_curve(tiny_prior, straight, tmp_path):
+    # killed right after step 3 is logged: step 4's checkpoint is not written yet, step 2's is the newest
+    _kill_then_resume(tiny_prior, tmp_path / "run", after_steps=3, delay=0.0, straight_rows=straight)
+
+
+@pytest.mark.slow
+def test_ten_kills_at_random_points_all_resume(tiny_prior, straight, tmp_path):
+    rng = random.Random(2026)
+    # at least two steps remain after the point, so every kill lands before the run's end
+    points = [(rng.randint(1, STEPS - 2), rng.uniform(0.0, 0.5)) for _ in range(10)]
+    assert len(set(points)) == 10
+    outcomes = [_kill_then_resume(tiny_prior, tmp_path / f"run{index}", after, delay, straight)
+                for index, (after, delay) in enumerate(points)]
+    print("kill points (steps logged at the kill, newest checkpoint):", outcomes)
