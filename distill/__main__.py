@@ -61,6 +61,10 @@ class TrainArgs:
         resolve_preset(self.preset)
         if self.resume and not (Path(self.out) / CHECKPOINT_DIR).is_dir():
             raise ConfigError(f"--resume: {Path(self.out) / CHECKPOINT_DIR} does not exist; start without --resume")
+        # the same test as DistillRecipe's, made here so that it answers before torch is imported
+        finished = list((Path(self.out) / CHECKPOINT_DIR).glob("step-*/trainer_state.json"))
+        if not self.resume and (finished or (Path(self.out) / "model").exists()):
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
 
     def config(self) -> RecipeConfig:
         overrides = dict(item.split("=", 1) for item in self.overrides)

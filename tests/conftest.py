@@ -175,3 +175,24 @@ def tiny_prior(tmp_path_factory) -> Path:
     save_embeddings(root, {"prompt_embeds": prompt, "pool_embeds": pooled,
                            "null_prompt_embeds": torch.zeros_like(prompt), "null_pool_embeds": torch.zeros_like(pooled)})
     return root
+
+
+TSD_STEPS, TSD_CHECKPOINT_EVERY = 4, 2
+
+
+def tsd_cli_args(prior: Path, out: Path) -> list[str]:
+    """`python -m distill train` of the reference TSD recipe on the tiny prior: 4 steps, a checkpoint every 2."""
+    settings = {"train.batch_size": 1, "train.hr_size": 64, "train.checkpoint_every": TSD_CHECKPOINT_EVERY,
+                "loss.perceptual_net": "stlpips"}
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    return ["distill", "train", "--preset", "reference-tsd", "--prior", str(prior), "--steps", str(TSD_STEPS),
+            *sets, "--out", str(out)]
+
+
+@pytest.fixture(scope="session")
+def tsd_straight_run(tiny_prior, tmp_path_factory) -> Path:
+    """One uninterrupted `tsd_cli_args` run, through the CLI in a fresh process (its run folder)."""
+    out = tmp_path_factory.mktemp("tsd_straight") / "run"
+    result = run_cli(*tsd_cli_args(tiny_prior, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -2,8 +2,9 @@
 
 coremltools on Linux converts and reads packages but cannot run them, so what runs here is checked from the
 saved spec, and parity runs through an injected predictor (the PyTorch graph itself, or a perturbed one).
-The default run uses the tiny preset; the built-in student's real sizes (fp16 vs 6-bit palettized, about a
-minute and a half of k-means and MIL passes on two cores) are the `slow` tests.
+The built-in student is exported at fp16 and 6-bit palettized (the 6-bit package is compressed from the fp16
+one, as `compress_mlpackage` lets an app try several compressions after one conversion: about 30 s of
+conversion and 50 s of k-means on two cores); the rest runs on the tiny preset.
 """
 
 from __future__ import annotations
@@ -50,15 +51,35 @@ def tiny_fp32(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_palettized(tmp_path_factory):
-    """`python -m export coreml --model preset:tiny --palettize 6`, through the real CLI: an artifact folder."""
+def tiny_int8(tmp_path_factory):
+    """`python -m export coreml --model preset:tiny --int8`, through the real CLI: an artifact folder."""
     import json
 
     from export.cli import main
 
-    out = tmp_path_factory.mktemp("tiny_pal6") / "artifact"
-    assert main(["coreml", "--model", "preset:tiny", "--palettize", "6", "-o", str(out)]) == 0
+    out = tmp_path_factory.mktemp("tiny_int8") / "artifact"
+    assert main(["coreml", "--model", "preset:tiny", "--int8", "-o", str(out)]) == 0
     return out, json.loads((out / "manifest.json").read_text())["graphs"]["end_to_end"]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    loaded = load_model(None)
+    assert not loaded.is_random, loaded.description
+    return loaded.model
+
+
+@pytest.fixture(scope="module")
+def builtin_fp16(builtin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin_fp16")
+    return out / "end_to_end.mlpackage", convert_coreml(builtin, out, precision="fp16")["end_to_end"]
+
+
+@pytest.fixture(scope="module")
+def builtin_palettized(builtin_fp16, tmp_path_factory):
+    out = tmp_path_factory.mktemp("builtin_pal6")
+    record = compress_mlpackage(builtin_fp16[0], out, palettize_bits=6)
+    return out / "end_to_end.mlpackage", record
 
 
 def test_tiny_fixed_shape_packages_are_mlprograms_with_the_asked_precision(tiny_fp16, tiny_fp32):
@@ -102,23 +123,35 @@ def test_check_mlpackage_names_each_mismatch(tiny_fp16):
                      "output: expected 'image', package has ['sr']"]
 
 
-def test_palettized_weights_are_detected_and_smaller(tiny_fp16, tiny_palettized):
-    out, record = tiny_palettized
-    path = out / "end_to_end.mlpackage"
-    assert record["compression"] == "palettize-6bit" and record["precision"] == "fp16"
-    assert record["shapes"] == [[1, 3, 64, 64]] and (record["input"], record["output"]) == ("lr", "sr")
-    info = inspect_mlpackage(path)
+def test_builtin_student_palettized_6bit_is_smaller_by_the_bit_ratio(builtin_fp16, builtin_palettized):
+    (fp16_path, fp16), (pal6_path, pal6) = builtin_fp16, builtin_palettized
+    assert pal6["compression"] == "palettize-6bit" and pal6["precision"] == "fp16"
+    assert pal6["shapes"] == fp16["shapes"] == [[1, 3, 64, 64]] and (pal6["input"], pal6["output"]) == ("lr", "sr")
+    # 8.6 M parameters in fp16 are 17 MB; 6 of 16 bits per weight keep ~0.375 of it plus the LUTs
+    assert 15e6 < fp16["bytes"] < 21e6, fp16
+    assert 0.3 < pal6["bytes"] / fp16["bytes"] < 0.5, (pal6["bytes"], fp16["bytes"])
+    info = inspect_mlpackage(pal6_path)
     assert info["compression"] == "palettize-6bit" and info["lut_bits"] == [6]
-    assert info["palettized_ops"] == info["op_types"]["constexpr_lut_to_dense"] > 0
+    assert info["palettized_ops"] == info["op_types"]["constexpr_lut_to_dense"] > 100
     assert info["precision"] == "fp16"
-    assert check_mlpackage(path, record) == []
-    assert check_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage", record) == [
+    assert inspect_mlpackage(fp16_path)["compression"] is None
+    assert check_mlpackage(fp16_path, fp16) == [] and check_mlpackage(pal6_path, pal6) == []
+    assert check_mlpackage(fp16_path, pal6) == [
         "compression: expected palettize-6bit, package has None (0 LUT ops, 0 quantized ops)"]
-    # 6 of 16 bits for the weights large enough to palettize; coremltools leaves tensors under 2048 elements,
-    # a large share of the tiny model, in fp16 (measured 0.56; the built-in student's slow test: 0.39)
-    assert info["weights_bytes"] < 0.6 * inspect_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage")["weights_bytes"]
+    lines = check_mlpackage(pal6_path, dict(pal6, precision="fp32", shapes=[[1, 3, 128, 128]]))
+    assert [line.split(":")[0] for line in lines] == ["input shapes", "precision"], lines
     with pytest.raises(ValueError, match="already has palettize-6bit weights"):
-        compress_mlpackage(path, out / "again", int8=True)
+        compress_mlpackage(pal6_path, pal6_path.parent / "again", int8=True)
+
+
+def test_int8_weights_are_detected_and_smaller(tiny_fp16, tiny_int8):
+    out, record = tiny_int8
+    info = inspect_mlpackage(out / "end_to_end.mlpackage")
+    assert record["compression"] == info["compression"] == "int8" and info["quantized_ops"] > 0
+    assert info["palettized_ops"] == 0 and check_mlpackage(out / "end_to_end.mlpackage", record) == []
+    # 8 of 16 bits for the weights large enough to quantize; coremltools leaves tensors under 2048 elements,
+    # a large share of the tiny model, in fp16
+    assert info["weights_bytes"] < 0.8 * inspect_mlpackage(tiny_fp16[0] / "end_to_end.mlpackage")["weights_bytes"]
 
 
 def test_enumerated_shapes_appear_in_the_spec(tiny, tmp_path):
@@ -214,33 +247,7 @@ def test_parity_with_an_injected_predictor_can_pass_and_fail(tiny, tiny_fp16):
         coreml_parity(path, reference, [np.zeros((1, 3, 32, 32), np.float32)], predictor=exact)
 
 
-# -- the built-in student: real sizes ----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def builtin():
-    loaded = load_model(None)
-    assert not loaded.is_random, loaded.description
-    return loaded.model
-
-
-@pytest.mark.slow
-def test_builtin_student_palettized_6bit_is_smaller_by_the_bit_ratio(builtin, tmp_path_factory):
-    fp16_dir, pal_dir = tmp_path_factory.mktemp("builtin_fp16"), tmp_path_factory.mktemp("builtin_pal6")
-    fp16 = convert_coreml(builtin, fp16_dir, precision="fp16")["end_to_end"]
-    pal6 = convert_coreml(builtin, pal_dir, precision="fp16", palettize_bits=6)["end_to_end"]
-    fp16_path, pal6_path = fp16_dir / "end_to_end.mlpackage", pal_dir / "end_to_end.mlpackage"
-    # 8.6 M parameters in fp16 are 17 MB; 6 of 16 bits per weight keep ~0.375 of it plus the LUTs
-    assert 15e6 < fp16["bytes"] < 21e6, fp16
-    assert 0.3 < pal6["bytes"] / fp16["bytes"] < 0.5, (pal6["bytes"], fp16["bytes"])
-    info = inspect_mlpackage(pal6_path)
-    assert info["compression"] == "palettize-6bit" and info["lut_bits"] == [6] and info["palettized_ops"] > 100
-    assert inspect_mlpackage(fp16_path)["compression"] is None
-    assert check_mlpackage(fp16_path, fp16) == [] and check_mlpackage(pal6_path, pal6) == []
-    lines = check_mlpackage(pal6_path, dict(pal6, precision="fp32", shapes=[[1, 3, 128, 128]]))
-    assert [line.split(":")[0] for line in lines] == ["input shapes", "precision"], lines
-
-
-def test_cli_artifact_reports_parity_skipped_on_linux_and_validates_with_a_predictor(tiny, tiny_palettized, capsys):
+def test_cli_artifact_reports_parity_skipped_on_linux_and_validates_with_a_predictor(tiny, tiny_int8, capsys):
     """The CLI's artifact: manifest, report with parity skipped (not passed) on Linux; `validate` with a
     predictor measures parity (the macOS path); a changed package fails on its manifest hash."""
     import json
@@ -249,7 +256,7 @@ def test_cli_artifact_reports_parity_skipped_on_linux_and_validates_with_a_predi
     from export.artifact import validate
     from export.cli import main
 
-    out, _ = tiny_palettized
+    out, _ = tiny_int8
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["runtime"] == "coreml" and manifest["source"]["model"] == "preset:tiny"
     assert any(name.startswith("end_to_end.mlpackage/") for name in manifest["files"])

@@ -20,17 +20,9 @@ from pathlib import Path
 import pytest
 
 from compress.training import list_checkpoints, read_trainer_state
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, TSD_CHECKPOINT_EVERY, TSD_STEPS, run_cli, tsd_cli_args
 
-STEPS, EVERY = 6, 2
-
-
-def _args(prior: Path, out: Path) -> list[str]:
-    settings = {"train.batch_size": 1, "train.hr_size": 64, "train.checkpoint_every": EVERY,
-                "loss.perceptual_net": "stlpips"}
-    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-    return ["distill", "train", "--preset", "reference-tsd", "--prior", str(prior), "--steps", str(STEPS), *sets,
-            "--out", str(out)]
+STEPS, EVERY = TSD_STEPS, TSD_CHECKPOINT_EVERY
 
 
 def _rows(run: Path) -> list[dict]:
@@ -40,17 +32,9 @@ def _rows(run: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture(scope="module")
-def straight(tiny_prior, tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("straight") / "run"
-    result = run_cli(*_args(tiny_prior, out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return _rows(out)
-
-
 def _kill_then_resume(prior: Path, out: Path, after_steps: int, delay: float, straight_rows: list[dict]) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", *_args(prior, out)], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", *tsd_cli_args(prior, out)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while len(_rows(out)) < after_steps:
@@ -68,7 +52,7 @@ def _kill_then_resume(prior: Path, out: Path, after_steps: int, delay: float, st
     newest = max(saved, default=0)
     assert done - newest <= EVERY, (done, saved)  # at most one checkpoint interval lost
 
-    resumed = run_cli(*_args(prior, out), *(["--resume"] if saved else []))
+    resumed = run_cli(*tsd_cli_args(prior, out), *(["--resume"] if saved else []))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = _rows(out)
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
@@ -80,9 +64,16 @@ def _kill_then_resume(prior: Path, out: Path, after_steps: int, delay: float, st
     return {"killed_after": done, "newest_checkpoint": newest}
 
 
+@pytest.fixture(scope="module")
+def straight(tsd_straight_run) -> list[dict]:
+    return _rows(tsd_straight_run)
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_curve(tiny_prior, straight, tmp_path):
-    # killed right after step 3 is logged: step 4's checkpoint is not written yet, step 2's is the newest
-    _kill_then_resume(tiny_prior, tmp_path / "run", after_steps=3, delay=0.0, straight_rows=straight)
+    # killed as soon as step 3 is logged: step 2's checkpoint is complete and step 4's is not written; the slow
+    # test below also kills before any checkpoint and in the middle of writing one
+    outcome = _kill_then_resume(tiny_prior, tmp_path / "run", after_steps=3, delay=0.0, straight_rows=straight)
+    assert outcome == {"killed_after": 3, "newest_checkpoint": 2}
 
 
 @pytest.mark.slow
