@@ -394,7 +394,8 @@ class DistillRecipe:
             acc.backward(total)
             finite = bool(torch.isfinite(total.detach()))
             if acc.sync_gradients:
-                finite &= bool(torch.isfinite(acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)))
+                norm = acc.clip_grad_norm_(self.trainable, cfg.optim.grad_clip)  # None where an engine clips itself
+                finite &= norm is None or bool(torch.isfinite(norm))
             finite = self._on_every_rank(finite)
             if finite:
                 self.optimizer.step()
