@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         count = int(ns.scan_gb * 2**30 / 2 / 64)
         from safetensors.numpy import save_file
 
-        save_file({f"t{i}": np.random.default_rng(i).standard_normal((count // 64,)).astype(np.float16)
+        save_file({f"t{i}": np.random.default_rng(i).random(count, dtype=np.float32).astype(np.float16)
                    for i in range(64)}, str(big))
         scan_safetensors(big)  # warm the page cache, as a just-copied file is
         scans = []

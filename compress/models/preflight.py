@@ -256,17 +256,23 @@ def check_diffusers_folder(folder: Path, what: str) -> dict:
 def check_lora_file(path: Path, what: str) -> None:
     """A peft LoRA file: readable, finite, and each lora_A/lora_B pair agrees on the rank."""
     tensors = scan_safetensors(path)
+    a_suffix, b_suffix = "lora_A.weight", "lora_B.weight"
+    unpaired = []
+    for name in sorted(tensors):
+        for mine, other in ((a_suffix, b_suffix), (b_suffix, a_suffix)):
+            if name.endswith(mine) and name[: -len(mine)] + other not in tensors:
+                unpaired.append(f"'{name}' has no '{name[: -len(mine)] + other}'")
+    if unpaired:
+        raise ModelLoadError(f"{what}: {path}: {'; '.join(unpaired[:4])}: a tensor was renamed or is missing; "
+                             "the file is damaged or not a LoRA of this toolkit's layout")
     for name, (_, shape_a) in tensors.items():
-        if not name.endswith("lora_A.weight"):
-            continue
-        partner = name[: -len("lora_A.weight")] + "lora_B.weight"
-        if partner not in tensors:
-            raise ModelLoadError(f"{what}: {path} has '{name}' but no '{partner}'; the file is damaged")
-        shape_b = tensors[partner][1]
-        if len(shape_a) < 2 or len(shape_b) < 2 or shape_a[0] != shape_b[1]:
-            raise ModelLoadError(
-                f"{what}: {path}: '{name}' {shape_a} and '{partner}' {shape_b} disagree on the LoRA rank"
-            )
+        if name.endswith(a_suffix):
+            partner = name[: -len(a_suffix)] + b_suffix
+            shape_b = tensors[partner][1]
+            if len(shape_a) < 2 or len(shape_b) < 2 or shape_a[0] != shape_b[1]:
+                raise ModelLoadError(
+                    f"{what}: {path}: '{name}' {shape_a} and '{partner}' {shape_b} disagree on the LoRA rank"
+                )
 
 
 def _check_embedding_width(path: Path, what: str, shape: tuple[int, ...], width, token_axis: bool) -> None:
