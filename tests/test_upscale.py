@@ -198,13 +198,13 @@ def test_default_model_run_says_which_model(tmp_path):
         assert im.size == (512, 512)
 
 
-def test_a_tiled_upscale_prints_model_settings_and_tile_progress(saved_student, tmp_path):
+def test_a_tiled_upscale_prints_model_settings_and_tile_progress(saved_student, tmp_path, capsys):
     path = tmp_path / "wide.png"
     Image.fromarray(_photo(72, 120)).save(path)  # 288 x 480 output: tiled with these settings
-    result = run_cli("compress", "upscale", str(path), "-o", str(tmp_path / "out"), "--model", str(saved_student),
-                     "--vae-max-side", "128", "--vae-tile", "128", "--latent-tile", "16", "--latent-overlap", "4")
-    assert result.returncode == 0, result.stderr
-    err = result.stderr
+    code = compress_main(["upscale", str(path), "-o", str(tmp_path / "out"), "--model", str(saved_student),
+                          "--vae-max-side", "128", "--vae-tile", "128", "--latent-tile", "16", "--latent-overlap", "4"])
+    err = capsys.readouterr().err
+    assert code == 0, err
     assert err.index("model: saved student") < err.index("settings: colour fix wavelet; tiling auto") < err.index(
         "VAE encoder")
     for stage in ("VAE encoder", "transformer", "VAE decoder"):
