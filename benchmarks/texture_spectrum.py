@@ -14,7 +14,6 @@ source of a texture can be told apart. Writes OUT (json) with machine and versio
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 PERIODS = (16, 8)

@@ -10,7 +10,7 @@
     fp16 = 35.0
 
 `check_budget` compares the mean scores of a quality table ({"student_vs_hr", "original_vs_hr",
-"bicubic_vs_hr", "higher_is_better"}, as compress.prune.run.quality writes it) with a budget and lists every
+"bicubic_vs_hr", "higher_is_better"}, as compress.quality.compare.quality writes it) with a budget and lists every
 item with its measured value, its limit and whether it passed; a metric that was not measured is "skipped"
 (never passed). The default budget ships in compress/assets/budgets/default.toml; `compress prune` exits
 with BUDGET_EXIT_CODE when an item fails, and export's gates read the same format.

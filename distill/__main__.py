@@ -13,6 +13,8 @@ Examples:
   python -m distill train --preset redistill-stage2 --student runs/kd1/model --out runs/kd2
   # override any preset key
   python -m distill train --preset reference-tsd --prior runs/reference --out runs/s --set loss.tsd=0.5 --set train.steps=200
+  # train on your own HR photos (any folder tree: DIV2K, LSDIR, FFHQ)
+  python -m distill train --preset reference-tsd --prior runs/reference --data /data/DIV2K_train_HR --out runs/div2k
   # two processes, no code change (on a machine without GPUs, --multi_gpu runs 2 CPU processes over gloo)
   accelerate launch --multi_gpu --num_processes 2 -m distill train --preset reference-tsd --prior runs/reference --out runs/ddp
 """
@@ -42,6 +44,9 @@ class TrainArgs:
         "help": "student to re-distil: model folder, release root, preset:NAME, or 'builtin'"})
     teacher: str | None = field(default=None, metadata={
         "help": "KD teacher student (default of the preset; 'builtin' = the shipped reference student)"})
+    data: str | None = field(default=None, metadata={
+        "help": "a folder of HR images, any depth (DIV2K, LSDIR, FFHQ...): random crops of train.hr_size; "
+                "unreadable files are listed and skipped, smaller images counted and skipped (overrides train.data)"})
     steps: int | None = field(default=None, metadata={"help": "total steps of the schedule (overrides train.steps)"})
     max_steps: int | None = field(default=None, metadata={
         "help": "stop after this many steps (continue later with --resume)"})
@@ -69,7 +74,7 @@ class TrainArgs:
     def config(self) -> RecipeConfig:
         overrides = dict(item.split("=", 1) for item in self.overrides)
         for flag, key in ((self.prior, "model.prior"), (self.student, "model.student_init"),
-                          (self.teacher, "model.kd_teacher"), (self.steps, "train.steps")):
+                          (self.teacher, "model.kd_teacher"), (self.steps, "train.steps"), (self.data, "train.data")):
             if flag is not None:
                 overrides[key] = flag
         return RecipeConfig.from_yaml(self.preset, overrides)

@@ -191,6 +191,7 @@ class TrainSection:
     steps: int = 1000
     batch_size: int = 4  # per process
     hr_size: int = 128  # HR crop side; LR = hr_size / 4
+    data: str | None = None  # a folder of HR images (any depth); None: the bundled training photos
     degradation: str = "realesrgan"  # realesrgan | bicubic | mixed
     bicubic_fraction: float = 0.3  # share of bicubic-only pairs when degradation is mixed
     seed: int = 0
@@ -211,6 +212,8 @@ class TrainSection:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.hr_size < 32 or self.hr_size % 32:
             raise ConfigError(f"train.hr_size must be a multiple of 32 (>= 32), got {self.hr_size}")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ConfigError(f"train.data: {self.data} is not a folder; give a folder of HR images (any depth)")
         if self.degradation not in ("realesrgan", "bicubic", "mixed"):
             raise ConfigError(f"train.degradation must be realesrgan, bicubic or mixed, got {self.degradation!r}")
         if not 0 <= self.bicubic_fraction <= 1:

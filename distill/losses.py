@@ -23,7 +23,6 @@ supplementary A.4) for the re-distillation terms; TAD-SR (He et al.) for the adv
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch

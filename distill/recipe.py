@@ -16,6 +16,7 @@ because every trainable network is called through its prepared (DDP) wrapper.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,10 +152,19 @@ class PairBatches:
 
     def __init__(self, cfg: RecipeConfig, world: int, rank: int):
         train = cfg.train
-        photos = list_photos("train")
         length = 2**31 - 1
-        self.realistic = SRPairDataset(photos, train.hr_size, "realesrgan", seed=train.seed, length=length)
-        self.bicubic = SRPairDataset(photos, train.hr_size, "bicubic", seed=train.seed, length=length)
+        if train.data is None:
+            photos = list_photos("train")
+            self.realistic = SRPairDataset(photos, train.hr_size, "realesrgan", seed=train.seed, length=length)
+            self.bicubic = SRPairDataset(photos, train.hr_size, "bicubic", seed=train.seed, length=length)
+            self.summary = f"data: the {len(photos)} bundled training photos"
+        else:  # a user's folder: checked once, decoded lazily
+            from compress.data.folder import FolderPairDataset, scan_hr_folder
+
+            scan = scan_hr_folder(train.data, train.hr_size)
+            self.realistic = FolderPairDataset(scan, train.hr_size, "realesrgan", seed=train.seed, length=length)
+            self.bicubic = FolderPairDataset(scan, train.hr_size, "bicubic", seed=train.seed, length=length)
+            self.summary = scan.summary(train.hr_size)
         self.train, self.world, self.rank = train, world, rank
 
     def _source(self, item: int) -> SRPairDataset:
@@ -266,6 +276,8 @@ class DistillRecipe:
         self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
         acc = self.accelerator
         self.data = PairBatches(cfg, acc.num_processes, acc.process_index)
+        if acc.is_main_process and self.progress:
+            print(self.data.summary, file=sys.stderr)
 
         def adamw(params, lr):
             return torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps,

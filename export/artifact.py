@@ -59,7 +59,7 @@ def student_geometry(student: OneStepSR) -> dict:
 
 
 def source_record(model_arg: str | None, description: str, student: OneStepSR) -> dict:
-    from compress.prune.run import weights_hash
+    from compress.quality.compare import weights_hash
 
     return {"model": model_arg, "description": description, "weights_sha256": weights_hash(student)}
 
@@ -228,7 +228,7 @@ def validate(folder: Path, *, manifest: dict | None = None, student: OneStepSR |
         failed += verify_files(folder, manifest)
     if student is None:
         from compress.models.resolve import load_model
-        from compress.prune.run import weights_hash
+        from compress.quality.compare import weights_hash
 
         spec = model_arg if model_arg is not None else manifest["source"]["model"]
         loaded = load_model(spec)
@@ -243,7 +243,7 @@ def validate(folder: Path, *, manifest: dict | None = None, student: OneStepSR |
         report["parity"] = parity
         failed += parity_failed
         if metrics and not parity_failed:
-            from compress.prune.run import quality
+            from compress.quality.compare import quality
             from compress.runtime.onnx import OnnxStudent
 
             log("validate: quality on the validation photos ...")

@@ -308,3 +308,36 @@ def test_max_steps_stops_without_a_final_model_and_resume_finishes(tiny_prior, t
     second = run_recipe(cfg, tmp_path / "run", resume=True, progress=False)
     assert second.state.step == 3 and (tmp_path / "run" / "model").is_dir()
     assert [int(r["step"]) for r in _log(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_train_on_a_folder_of_hr_images(tiny_prior, tmp_path, capsys):
+    """--data: a folder tree is checked once (unreadable files listed, small images counted, both skipped) and
+    the batches are crops of the usable images only."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.recipe import DistillRecipe
+
+    data = tmp_path / "hr"
+    (data / "sub").mkdir(parents=True)
+    colours = {"red": (200, 30, 30), "green": (30, 200, 30)}
+    for name, colour in colours.items():  # flat images: any crop of them is that colour
+        Image.fromarray(np.full((80, 96, 3), colour, np.uint8)).save(data / "sub" / f"{name}.png")
+    Image.fromarray(np.full((40, 40, 3), 255, np.uint8)).save(data / "small.png")  # under the 64 px crop
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cfg = RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.steps": "2",
+                                                   **FAST_SETTINGS, "train.data": str(data)})
+    recipe = DistillRecipe(cfg, tmp_path / "run", progress=True).load().setup()
+    err = capsys.readouterr().err
+    assert f"data: 2 of 4 image(s) under {data} used; 1 smaller than 64 px on a side skipped; 1 unreadable " \
+           f"skipped: {data / 'broken.png'} (" in err
+    seen = set()
+    for step in range(6):
+        _, hr = recipe.data(step)
+        for crop in hr:
+            pixel = tuple(int(round(float(v) * 255)) for v in crop[:, 0, 0])
+            assert pixel in colours.values() and bool((crop == crop[:, :1, :1]).all())
+            seen.add(pixel)
+    assert seen == set(colours.values())  # both images are drawn
+    with pytest.raises(ConfigError, match="train.data: .* is not a folder"):
+        RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.data": str(tmp_path / "no")})

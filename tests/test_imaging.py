@@ -216,10 +216,11 @@ def _max_lsb(a: torch.Tensor, b: torch.Tensor, bits: int) -> float:
 @pytest.mark.parametrize("ext", ["png", "tif"])
 def test_save_round_trip(tmp_path, bits, mode, with_alpha, ext):
     h, w = 19, 27
-    rgb = torch.rand(3, h, w)
+    generator = torch.Generator().manual_seed(0)  # the same pixels whatever ran before
+    rgb = torch.rand(3, h, w, generator=generator)
     if mode == "gray":
         rgb = rgb[:1].expand(3, -1, -1).contiguous()
-    alpha = torch.rand(1, h, w) if with_alpha else None
+    alpha = torch.rand(1, h, w, generator=generator) if with_alpha else None
     p = tmp_path / f"out.{ext}"
     assert save_image(p, rgb, alpha, mode=mode, bit_depth=bits) == p
     img = load_image(p)
@@ -231,9 +232,9 @@ def test_save_round_trip(tmp_path, bits, mode, with_alpha, ext):
         else mode
     )
     assert img.mode == expected_mode
-    assert (
-        _max_lsb(img.rgb, rgb, bits) <= 0.5 + 1e-3
-    )  # exact after quantisation (half an LSB)
+    # exact after quantisation: half an LSB, plus float32 rounding of the grey image's luma (0.299 + 0.587 +
+    # 0.114 is not exactly 1 in float32: measured 0.0039 LSB at 16 bits, seen once as 0.5039)
+    assert _max_lsb(img.rgb, rgb, bits) <= 0.5 + 2e-7 * (2**bits - 1)
     if with_alpha:
         assert img.alpha is not None and _max_lsb(img.alpha, alpha, bits) <= 0.5 + 1e-3
     else:

@@ -101,16 +101,23 @@ class SRPairDataset(Dataset):
             raise IndexError(f"index {index} out of range for SRPairDataset of length {self.length}")
         rng = np.random.default_rng([self.seed, index])
         photo_index = int(rng.integers(len(self.photos)))
-        image = self._images[photo_index]
-        height, width = image.shape[:2]
-        top = int(rng.integers(height - self.hr_size + 1))
-        left = int(rng.integers(width - self.hr_size + 1))
-        hr = image[top : top + self.hr_size, left : left + self.hr_size]
-        if rng.uniform() < 0.5:
-            hr = hr[:, ::-1]
-        hr = np.ascontiguousarray(hr)
-        lr = _degrade(hr, self.degradation, rng, self.config, self.scale)
-        return {"lr": _to_chw_tensor(lr), "hr": _to_chw_tensor(hr), "name": self.photos[photo_index].name}
+        lr, hr = crop_pair(self._images[photo_index], rng, self.hr_size, self.degradation, self.config, self.scale)
+        return {"lr": lr, "hr": hr, "name": self.photos[photo_index].name}
+
+
+def crop_pair(image: np.ndarray, rng: np.random.Generator, hr_size: int, degradation: str,
+              config: DegradationConfig = _DEFAULT_CONFIG, scale: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random `hr_size` crop of `image` (H x W x 3 uint8), flipped half the time, and its degraded LR, all
+    drawn from `rng`: the training pair recipe of every dataset here. Returns (LR, HR) 3 x h x w in [0, 1]."""
+    height, width = image.shape[:2]
+    top = int(rng.integers(height - hr_size + 1))
+    left = int(rng.integers(width - hr_size + 1))
+    hr = image[top : top + hr_size, left : left + hr_size]
+    if rng.uniform() < 0.5:
+        hr = hr[:, ::-1]
+    hr = np.ascontiguousarray(hr)
+    lr = _degrade(hr, degradation, rng, config, scale)
+    return _to_chw_tensor(lr), _to_chw_tensor(hr)
 
 
 def _center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:

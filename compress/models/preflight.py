@@ -33,7 +33,7 @@ import numpy as np
 
 from compress.models.errors import ModelLoadError
 from compress.models.layout import (
-    COMPONENTS, CONDITIONING_NAME, FORMAT_TAG, LORA_SUBDIR, POOLED_EMBEDS, PROMPT_EMBEDS, REFERENCE_DIR,
+    COMPONENTS, CONDITIONING_NAME, FORMAT_TAG, POOLED_EMBEDS, PROMPT_EMBEDS, REFERENCE_DIR,
     STUDENT_CONFIG_NAME, STUDENT_FORMAT_VERSION, TRANSFORMER_LORA, VAE_LORA, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
     check_release_files, is_release_root, release_paths,
 )

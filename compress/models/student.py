@@ -218,9 +218,7 @@ class OneStepSR(nn.Module):
 
     def postprocess(self, image: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
         """Decoded image in [-1, 1] -> [0, 1], cropped to 4x the LR size (undoes the stride padding)."""
-        height, width = lr_size[0] * self.settings.upscale, lr_size[1] * self.settings.upscale
-        cropped = image[..., :height, :width] + 1.0
-        return cropped.div_(2.0) if not cropped.requires_grad else cropped / 2.0
+        return crop_to_unit(image, lr_size, self.settings.upscale)
 
     def forward(self, lr: torch.Tensor) -> torch.Tensor:
         """LR batch B x 3 x h x w in [0, 1] -> SR batch B x 3 x 4h x 4w in [0, 1], no tiling.
@@ -316,6 +314,14 @@ def vae_downsample_factor(vae: nn.Module) -> int:
     config = vae.config
     widths = getattr(config, "encoder_block_out_channels", None) or config.block_out_channels
     return 2 ** (len(widths) - 1)
+
+
+def crop_to_unit(image: torch.Tensor, lr_size: tuple[int, int], upscale: int) -> torch.Tensor:
+    """A decoded image in [-1, 1] -> [0, 1], cropped to `upscale` x the LR size (the stride padding removed):
+    the student's postprocess, shared with the runtimes that run its exported stages."""
+    height, width = lr_size[0] * upscale, lr_size[1] * upscale
+    cropped = image[..., :height, :width] + 1.0
+    return cropped.div_(2.0) if not cropped.requires_grad else cropped / 2.0
 
 
 def pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
 import json
 import shutil
 import sys
@@ -30,6 +29,7 @@ import torch
 from compress.models.student import OneStepSR
 from compress.prune.cli import LOSSLESS_STEPS, PruneArgs, parse_steps
 from compress.prune.steps import Calibration, apply_step, replace_vae
+from compress.quality.compare import quality, weights_hash
 
 DECISIONS_NAME = "prune_decisions.json"
 REPORT_NAME = "prune_report.json"
@@ -43,16 +43,6 @@ def student_params(student: OneStepSR) -> dict:
     transformer = sum(p.numel() for p in student.transformer.parameters())
     vae = sum(p.numel() for p in student.vae.parameters())
     return {"transformer": transformer, "vae": vae, "total": transformer + vae}
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the state dict (names, shapes, bytes): equal hashes mean identical weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def work_dir(output: Path) -> Path:
@@ -229,10 +219,6 @@ def side_by_side_ms(before, after, repeats: int, rounds: int = 3) -> dict:
     return {key: sorted(values)[len(values) // 2] for key, values in timings.items()}
 
 
-def _unit(image: torch.Tensor) -> torch.Tensor:
-    return image.float().clamp(0, 1).cpu()
-
-
 @torch.no_grad()
 def measure(original: OneStepSR, student: OneStepSR, args: PruneArgs) -> dict:
     """Params, MACs and latency (side by side, this run) and quality on the validation photos."""
@@ -262,50 +248,6 @@ def measure(original: OneStepSR, student: OneStepSR, args: PruneArgs) -> dict:
         "machine": machine_info(),
     }
     return report
-
-
-def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...], limit: int | None = None,
-            bicubic_metrics: tuple[str, ...] | None = None, compare_outputs: bool = True) -> dict:
-    """Every requested metric of the student vs HR, of the uncompressed student vs HR, and of the student vs
-    the uncompressed student's output, on the validation photos (Real-ESRGAN degradation, 256 px, wavelet).
-
-    `student` may be anything compress.pipeline.upscale_tensor runs (an exported artifact too). `limit`
-    scores the first N photos; `bicubic_metrics` restricts bicubic's row to those metrics (a budget only
-    compares bicubic on its beat_bicubic list); `compare_outputs=False` drops the student-vs-original row."""
-    from compress.data.pairs import fixed_validation_pairs
-    from compress.evaluate import DEFAULT_METRICS, build_scorers
-    from compress.options import DEFAULT_COLOR_FIX, TileSettings
-    from compress.pipeline import upscale_tensor
-
-    if metrics == ("none",):
-        return {}
-    names = DEFAULT_METRICS if metrics == ("all",) else metrics
-    scorers, skipped = build_scorers(names, "cpu")
-    pairs = fixed_validation_pairs("realesrgan", hr_size=256)[:limit]
-    rows = {"student_vs_hr": [], "original_vs_hr": [], "bicubic_vs_hr": [], "student_vs_original": []}
-    for _, lr, hr in pairs:
-        lr, hr = lr[None], hr[None]
-        settings = TileSettings(mode="auto")
-        ours = _unit(upscale_tensor(student, lr, settings, DEFAULT_COLOR_FIX))
-        theirs = _unit(upscale_tensor(original, lr, settings, DEFAULT_COLOR_FIX))
-        bicubic = _unit(torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False))
-        for key, image, reference in (("student_vs_hr", ours, hr), ("original_vs_hr", theirs, hr),
-                                      ("bicubic_vs_hr", bicubic, hr), ("student_vs_original", ours, theirs)):
-            if key == "student_vs_original" and not compare_outputs:
-                continue
-            scores = {}
-            for name, (kind, _, fn) in scorers.items():
-                if kind != "fr" and key == "student_vs_original":
-                    continue  # a no-reference score does not compare two images
-                if key == "bicubic_vs_hr" and bicubic_metrics is not None and name not in bicubic_metrics:
-                    continue
-                value = fn(image, reference) if kind == "fr" else fn(image)
-                scores[name] = float(torch.as_tensor(value).float().mean())
-            rows[key].append(scores)
-    means = {key: {m: sum(r[m] for r in values) / len(values) for m in values[0]}
-             for key, values in rows.items() if values}
-    return {**means, "higher_is_better": {m: hib for m, (_, hib, _) in scorers.items()}, "skipped": skipped,
-            "images": len(pairs), "degradation": "realesrgan", "color_fix": DEFAULT_COLOR_FIX}
 
 
 def save(student: OneStepSR, output: Path, report: dict, decisions: list[dict], args: PruneArgs) -> None:

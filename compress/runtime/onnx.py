@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from compress.models.errors import ModelLoadError
-from compress.models.student import pad_to_multiple
+from compress.models.student import crop_to_unit, pad_to_multiple
 from compress.runtime.manifest import read_manifest
 
 COMPONENTS = ("upsample", "vae_encoder", "transformer", "vae_decoder")
@@ -126,8 +126,7 @@ class OnnxStudent:
         return latent_lr - self.velocity(latent_lr)
 
     def postprocess(self, image: torch.Tensor, lr_size: tuple[int, int]) -> torch.Tensor:
-        height, width = lr_size[0] * self.settings.upscale, lr_size[1] * self.settings.upscale
-        return (image[..., :height, :width] + 1.0) / 2.0
+        return crop_to_unit(image, lr_size, self.settings.upscale)
 
     # -- the whole image ------------------------------------------------------------------------------
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
