@@ -12,11 +12,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from compress.cli import comma_separated
 from compress.options import (
     COLOR_FIX_METHODS, DEFAULT_COLOR_FIX, DTYPE_NAMES, TILE_MODES, check_color_fix, check_dtype_for_device,
 )
+
+if TYPE_CHECKING:  # torch is imported when a command runs, not to build the parser
+    import torch
 
 DEFAULT_METRICS = ("psnr", "ssim", "stlpips", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
 DEGRADATIONS = ("realesrgan", "bicubic")
