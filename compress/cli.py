@@ -2,7 +2,7 @@
 
 A field becomes `--field-name` (or `metadata["flag"]`), typed from its annotation, with `metadata["help"]`,
 `metadata["choices"]`, `metadata["parse"]` (a function from the flag's text to the value), `metadata["action"]`
-("append" for a list) and `metadata["metavar"]` when given; a field without a default is a required flag.
+("append" for a list), `metadata["nargs"]` and `metadata["metavar"]` when given; a field without a default is a required flag.
 Nested dataclass fields are flattened. `dataclass_from_namespace` rebuilds the dataclass, so its
 `__post_init__` checks run and name the flag to fix. Nothing here imports torch.
 """
@@ -74,7 +74,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             continue
         kind = field.metadata.get("parse")
         kind = _reporting(kind) if kind else _scalar_type(hints[field.name])
-        extra = {key: field.metadata[key] for key in ("action", "metavar") if key in field.metadata}
+        extra = {key: field.metadata[key] for key in ("action", "metavar", "nargs") if key in field.metadata}
         if default is dataclasses.MISSING:  # a field without a default is a required flag
             parser.add_argument(_flag(field), dest=field.name, type=kind, required=True,
                                 choices=field.metadata.get("choices"), help=help_text, **extra)

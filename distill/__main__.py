@@ -15,6 +15,8 @@ Examples:
   python -m distill train --preset reference-tsd --prior runs/reference --out runs/s --set loss.tsd=0.5 --set train.steps=200
   # train on your own HR photos (any folder tree: DIV2K, LSDIR, FFHQ)
   python -m distill train --preset reference-tsd --prior runs/reference --data /data/DIV2K_train_HR --out runs/div2k
+  # or on pre-degraded pairs, matched by name (DIV2K's 0001x4.png matches 0001.png)
+  python -m distill train --preset reference-tsd --prior runs/reference --pairs /data/DIV2K_train_LR_bicubic/X4 /data/DIV2K_train_HR --out runs/div2k-pairs
   # two processes, no code change (on a machine without GPUs, --multi_gpu runs 2 CPU processes over gloo)
   accelerate launch --multi_gpu --num_processes 2 -m distill train --preset reference-tsd --prior runs/reference --out runs/ddp
 """
@@ -47,6 +49,10 @@ class TrainArgs:
     data: str | None = field(default=None, metadata={
         "help": "a folder of HR images, any depth (DIV2K, LSDIR, FFHQ...): random crops of train.hr_size; "
                 "unreadable files are listed and skipped, smaller images counted and skipped (overrides train.data)"})
+    pairs: list[str] | None = field(default=None, metadata={
+        "nargs": 2, "metavar": ("LR_DIR", "HR_DIR"),
+        "help": "pre-degraded LR/HR pairs: two folder trees whose files match by name (an LR name may end in "
+                "x4, as DIV2K's do); HR must be 4x LR (overrides train.pairs)"})
     steps: int | None = field(default=None, metadata={"help": "total steps of the schedule (overrides train.steps)"})
     max_steps: int | None = field(default=None, metadata={
         "help": "stop after this many steps (continue later with --resume)"})
@@ -74,7 +80,8 @@ class TrainArgs:
     def config(self) -> RecipeConfig:
         overrides = dict(item.split("=", 1) for item in self.overrides)
         for flag, key in ((self.prior, "model.prior"), (self.student, "model.student_init"),
-                          (self.teacher, "model.kd_teacher"), (self.steps, "train.steps"), (self.data, "train.data")):
+                          (self.teacher, "model.kd_teacher"), (self.steps, "train.steps"), (self.data, "train.data"),
+                          (self.pairs, "train.pairs")):
             if flag is not None:
                 overrides[key] = flag
         return RecipeConfig.from_yaml(self.preset, overrides)

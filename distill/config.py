@@ -192,6 +192,7 @@ class TrainSection:
     batch_size: int = 4  # per process
     hr_size: int = 128  # HR crop side; LR = hr_size / 4
     data: str | None = None  # a folder of HR images (any depth); None: the bundled training photos
+    pairs: list | None = None  # [LR_DIR, HR_DIR]: pre-degraded pairs matched by name (then no degradation is applied)
     degradation: str = "realesrgan"  # realesrgan | bicubic | mixed
     bicubic_fraction: float = 0.3  # share of bicubic-only pairs when degradation is mixed
     seed: int = 0
@@ -214,6 +215,14 @@ class TrainSection:
             raise ConfigError(f"train.hr_size must be a multiple of 32 (>= 32), got {self.hr_size}")
         if self.data is not None and not Path(self.data).is_dir():
             raise ConfigError(f"train.data: {self.data} is not a folder; give a folder of HR images (any depth)")
+        if self.pairs is not None:
+            if not isinstance(self.pairs, (list, tuple)) or len(self.pairs) != 2:
+                raise ConfigError(f"train.pairs must be [LR_DIR, HR_DIR], got {self.pairs!r}")
+            for folder in self.pairs:
+                if not Path(folder).is_dir():
+                    raise ConfigError(f"train.pairs: {folder} is not a folder")
+            if self.data is not None:
+                raise ConfigError("train.data and train.pairs are two sources of training data; give one")
         if self.degradation not in ("realesrgan", "bicubic", "mixed"):
             raise ConfigError(f"train.degradation must be realesrgan, bicubic or mixed, got {self.degradation!r}")
         if not 0 <= self.bicubic_fraction <= 1:

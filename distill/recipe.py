@@ -153,11 +153,17 @@ class PairBatches:
     def __init__(self, cfg: RecipeConfig, world: int, rank: int):
         train = cfg.train
         length = 2**31 - 1
-        if train.data is None:
+        if train.data is None and train.pairs is None:
             photos = list_photos("train")
             self.realistic = SRPairDataset(photos, train.hr_size, "realesrgan", seed=train.seed, length=length)
             self.bicubic = SRPairDataset(photos, train.hr_size, "bicubic", seed=train.seed, length=length)
             self.summary = f"data: the {len(photos)} bundled training photos"
+        elif train.pairs is not None:  # pre-degraded pairs: the same pairs whatever train.degradation says
+            from compress.data.folder import PairedFolderDataset, scan_pair_folders
+
+            scan = scan_pair_folders(train.pairs[0], train.pairs[1], train.hr_size)
+            self.realistic = self.bicubic = PairedFolderDataset(scan, train.hr_size, seed=train.seed, length=length)
+            self.summary = scan.summary(train.hr_size)
         else:  # a user's folder: checked once, decoded lazily
             from compress.data.folder import FolderPairDataset, scan_hr_folder
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -341,3 +342,46 @@ def test_train_on_a_folder_of_hr_images(tiny_prior, tmp_path, capsys):
     assert seen == set(colours.values())  # both images are drawn
     with pytest.raises(ConfigError, match="train.data: .* is not a folder"):
         RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.data": str(tmp_path / "no")})
+
+
+def test_train_on_pre_degraded_pairs(tiny_prior, tmp_path, capsys):
+    """--pairs LR_DIR HR_DIR: files matched by name (DIV2K's `x4` LR suffix too), HR exactly 4x LR; unmatched,
+    mis-sized and unreadable files listed and skipped; LR and HR crops stay aligned."""
+    import numpy as np
+    from PIL import Image
+
+    from compress.cli import dataclass_from_namespace
+    from distill.__main__ import TrainArgs
+    from distill.recipe import DistillRecipe
+
+    lr_dir, hr_dir = tmp_path / "lr", tmp_path / "hr"
+    (lr_dir / "set").mkdir(parents=True)
+    (hr_dir / "set").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    hr_image = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    Image.fromarray(hr_image).save(hr_dir / "set" / "0001.png")
+    Image.fromarray(hr_image[::4, ::4]).save(lr_dir / "set" / "0001x4.png")  # LR pixel (i, j) is HR (4i, 4j)
+    Image.fromarray(hr_image).save(hr_dir / "set" / "0002.png")  # no LR
+    Image.fromarray(hr_image).save(hr_dir / "0003.png")
+    Image.fromarray(hr_image[::2, ::2]).save(lr_dir / "0003.png")  # 2x, not 4x
+    parser = argparse.ArgumentParser()
+    from compress.cli import add_dataclass_arguments
+
+    add_dataclass_arguments(parser, TrainArgs)
+    ns = parser.parse_args(["--preset", "reference-tsd", "--out", str(tmp_path / "run"), "--prior", str(tiny_prior),
+                            "--pairs", str(lr_dir), str(hr_dir), "--steps", "2",
+                            *[a for k, v in FAST_SETTINGS.items() for a in ("--set", f"{k}={v}")]])
+    cfg = dataclass_from_namespace(TrainArgs, ns).config()
+    assert cfg.train.pairs == [str(lr_dir), str(hr_dir)]
+    recipe = DistillRecipe(cfg, tmp_path / "run", progress=True).load().setup()
+    err = capsys.readouterr().err
+    assert f"data: 1 LR/HR pair(s) from {lr_dir} and {hr_dir} used; 2 skipped: " in err
+    assert f"{hr_dir / 'set' / '0002.png'} (no LR file named set/0002.* or set/0002x4.*" in err
+    assert f"{hr_dir / '0003.png'} (128x96 is not 4x its LR's 64x48)" in err
+    for step in range(3):
+        lr, hr = recipe.data(step)
+        assert lr.shape[-1] * 4 == hr.shape[-1] == 64
+        assert torch.equal(lr, hr[..., ::4, ::4]) or torch.equal(lr, hr[..., ::4, 3::4])  # aligned (flipped: 3::4)
+    with pytest.raises(ConfigError, match="train.data and train.pairs"):
+        RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.data": str(hr_dir),
+                                                 "train.pairs": [str(lr_dir), str(hr_dir)]})

@@ -106,3 +106,115 @@ class FolderPairDataset(Dataset):
         path = self.images[int(rng.integers(len(self.images)))]
         lr, hr = crop_pair(_decode(path), rng, self.hr_size, self.degradation, self.config, self.scale)
         return {"lr": lr, "hr": hr, "name": Path(path).stem}
+
+
+@dataclass
+class PairScan:
+    """What `scan_pair_folders` found: matched (LR, HR) files and what it skipped, and why."""
+
+    lr_root: Path
+    hr_root: Path
+    pairs: list[tuple[Path, Path]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason
+
+    def summary(self, hr_size: int) -> str:
+        line = f"data: {len(self.pairs)} LR/HR pair(s) from {self.lr_root} and {self.hr_root} used"
+        if self.skipped:
+            shown = "; ".join(f"{path} ({why})" for path, why in list(self.skipped.items())[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            line += f"; {len(self.skipped)} skipped: {shown}{more}"
+        return line
+
+
+def _pair_key(path: Path, root: Path, scale: int | None) -> str:
+    """The name files are matched by: the path under its root without extension, an LR name's DIV2K-style
+    `x4` suffix dropped."""
+    key = path.relative_to(root).with_suffix("").as_posix()
+    return key[: -len(f"x{scale}")] if scale and key.endswith(f"x{scale}") else key
+
+
+def _size(path: Path) -> tuple[int, int] | str:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size
+    except Exception as err:  # PIL raises many kinds for a bad file
+        return f"{type(err).__name__}: {err}"[:120]
+
+
+def scan_pair_folders(lr_root: Path | str, hr_root: Path | str, hr_size: int, scale: int = 4) -> PairScan:
+    """Match the files of two folder trees by name and check each pair: both readable, HR exactly `scale` x LR,
+    HR at least `hr_size` on a side. Unmatched files, unreadable ones and wrong sizes are listed and skipped."""
+    from compress.imaging import ImageInputError, iter_image_paths
+
+    lr_root, hr_root = Path(lr_root), Path(hr_root)
+    found = {}
+    for root, flag in ((lr_root, "LR_DIR"), (hr_root, "HR_DIR")):
+        if not root.is_dir():
+            raise FileNotFoundError(f"--pairs {flag} {root}: no such folder")
+        try:
+            found[flag] = iter_image_paths([root], recursive=True)
+        except ImageInputError as err:
+            raise FileNotFoundError(f"--pairs {flag} {root}: {err}") from None
+    lr_by_key = {_pair_key(p, lr_root, scale): p for p in found["LR_DIR"]}
+    scan = PairScan(lr_root, hr_root)
+    matched = set()
+    for hr in found["HR_DIR"]:
+        key = _pair_key(hr, hr_root, None)
+        lr = lr_by_key.get(key)
+        if lr is None:
+            scan.skipped[str(hr)] = f"no LR file named {key}.* or {key}x{scale}.* under {lr_root}"
+            continue
+        matched.add(key)
+        hr_size_found, lr_size_found = _size(hr), _size(lr)
+        if isinstance(hr_size_found, str) or isinstance(lr_size_found, str):
+            bad, why = (hr, hr_size_found) if isinstance(hr_size_found, str) else (lr, lr_size_found)
+            scan.skipped[str(bad)] = why
+        elif hr_size_found != (lr_size_found[0] * scale, lr_size_found[1] * scale):
+            scan.skipped[str(hr)] = f"{hr_size_found[0]}x{hr_size_found[1]} is not {scale}x its LR's " \
+                                    f"{lr_size_found[0]}x{lr_size_found[1]}"
+        elif min(hr_size_found) < hr_size:
+            scan.skipped[str(hr)] = f"smaller than {hr_size} px on a side"
+        else:
+            scan.pairs.append((lr, hr))
+    for key, lr in lr_by_key.items():
+        if key not in matched:
+            scan.skipped[str(lr)] = f"no HR file named {key}.* under {hr_root}"
+    if not scan.pairs:
+        raise ValueError(f"--pairs {lr_root} {hr_root}: no usable pair: {scan.summary(hr_size)}")
+    return scan
+
+
+class PairedFolderDataset(Dataset):
+    """Aligned random crops of pre-degraded (LR, HR) pairs: an HR crop of `hr_size` at a multiple of `scale` and
+    the LR crop it came from, flipped together half the time; item i drawn from `default_rng([seed, i])`."""
+
+    def __init__(self, scan: PairScan, hr_size: int, seed: int = 0, length: int = 1000, scale: int = 4) -> None:
+        if scale < 1 or hr_size < scale or hr_size % scale:
+            raise ValueError(f"hr_size={hr_size} must be a positive multiple of scale={scale}")
+        self.pairs = [(str(lr), str(hr)) for lr, hr in scan.pairs]
+        self.hr_size, self.seed, self.length, self.scale = int(hr_size), int(seed), int(length), int(scale)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        from .pairs import _to_chw_tensor
+
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for PairedFolderDataset of length {self.length}")
+        rng = np.random.default_rng([self.seed, index])
+        lr_path, hr_path = self.pairs[int(rng.integers(len(self.pairs)))]
+        lr_image, hr_image = _decode(lr_path), _decode(hr_path)
+        side = self.hr_size // self.scale
+        top = int(rng.integers(lr_image.shape[0] - side + 1))
+        left = int(rng.integers(lr_image.shape[1] - side + 1))
+        lr = lr_image[top : top + side, left : left + side]
+        hr = hr_image[top * self.scale : (top + side) * self.scale, left * self.scale : (left + side) * self.scale]
+        if rng.uniform() < 0.5:
+            lr, hr = lr[:, ::-1], hr[:, ::-1]
+        return {"lr": _to_chw_tensor(lr), "hr": _to_chw_tensor(hr), "name": Path(hr_path).stem}
