@@ -17,6 +17,7 @@ plan, is not tried here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         reference = student(lr).numpy()
     threads = torch.get_num_threads()
     results = {"model": loaded.description, "photo": name, "lr_size": ns.size, "threads": threads, "variants": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    # ORT's quantization tools leave temporary files (sym_shape_infer_temp.onnx, a <uuid>.data copy of the
+    # weights) in the working directory when shape inference fails: work inside the temporary folder
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         tmp = Path(tmp)
         fp32 = trace_to_onnx(graph_specs(student, ("end_to_end",))[0], tmp / "fp32")
         prepared = tmp / "prepared.onnx"
