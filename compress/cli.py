@@ -122,6 +122,7 @@ def run_command(ns: argparse.Namespace, interrupted_note: str = "") -> int:
     SIGTERM 143 (the shell's 128 + signal), after the temporary files of the interrupted write are removed.
 
     Shared by `python -m compress`, `python -m export` and `python -m distill`, so every command answers alike."""
+    import errno
     import signal
     import sys
 
@@ -139,7 +140,7 @@ def run_command(ns: argparse.Namespace, interrupted_note: str = "") -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:
-        if err.errno in (28, 122):  # ENOSPC, EDQUOT
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"error: out of disk space ({err.strerror}); free space or choose another output folder: nothing "
                   "partially written was kept", file=sys.stderr)
             return 2

@@ -62,13 +62,16 @@ def write_json(path: Path | str, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def check_output_folder(path: Path | str, flag: str = "-o") -> None:
+def check_output_folder(path: Path | str, flag: str = "-o", overwrite: bool | None = None) -> None:
     """Refuse, before any work, an output folder that cannot be created or written: a path that is a file, or
     whose nearest existing folder refuses a new entry. Probed by creating and removing a temporary folder
-    (permission bits alone say nothing for root or a read-only mount); nothing is left behind."""
+    (permission bits alone say nothing for root or a read-only mount); nothing is left behind.
+    `overwrite=False`: a command that replaces its output whole also refuses an existing folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{flag} {path} is a file, not a folder; give a folder path")
+    if overwrite is False and path.exists():
+        raise FileExistsError(f"{flag} {path} already exists; pass --overwrite to replace it")
     probe = path
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent

@@ -133,9 +133,7 @@ def _check_inputs(ns) -> None:
     from compress.io import check_output_folder
     from compress.models.preflight import check_model_files
 
-    check_output_folder(ns.output)
-    if ns.output.exists() and not ns.overwrite:
-        raise FileExistsError(f"-o {ns.output} already exists; pass --overwrite to replace it")
+    check_output_folder(ns.output, overwrite=ns.overwrite)
     check_model_files(ns.model, ns.base_model)
 
 

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from .degradations import DegradationConfig
-from .pairs import _DEFAULT_CONFIG, _check_degradation, crop_pair
+from .pairs import _DEFAULT_CONFIG, SeededPairs, _check_degradation, _to_chw_tensor, crop_pair
 
 
 @dataclass
@@ -36,35 +35,52 @@ class FolderScan:
         if self.too_small:
             line += f"; {len(self.too_small)} smaller than {hr_size} px on a side skipped"
         if self.unreadable:
-            shown = "; ".join(f"{path} ({why})" for path, why in list(self.unreadable.items())[:5])
-            more = f" and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
-            line += f"; {len(self.unreadable)} unreadable skipped: {shown}{more}"
+            line += f"; {len(self.unreadable)} unreadable skipped: {_listed(self.unreadable)}"
         return line
+
+
+def _listed(reasons: dict[str, str], shown: int = 5) -> str:
+    """'path (why); path (why) and N more': the first skipped files of a report line."""
+    text = "; ".join(f"{path} ({why})" for path, why in list(reasons.items())[:shown])
+    return text + (f" and {len(reasons) - shown} more" if len(reasons) > shown else "")
+
+
+def _image_files(root: Path, flag: str, hint: str = "") -> list[Path]:
+    """Every image file under `root` (any depth, hidden files and folders skipped); a missing or empty folder
+    is one error naming the flag."""
+    from compress.imaging import ImageInputError, iter_image_paths
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"{flag} {root}: no such folder{hint}")
+    try:
+        return iter_image_paths([root], recursive=True)
+    except ImageInputError as err:
+        raise FileNotFoundError(f"{flag} {root}: {err}") from None
+
+
+def _size(path: Path) -> tuple[int, int] | str:
+    """(width, height) of a readable image, read with PIL's `verify` (the whole file: a truncated or corrupt
+    body is found at set-up, not mid-run); else why it is unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size
+    except Exception as err:  # PIL raises many kinds for a bad file
+        return f"{type(err).__name__}: {err}"[:120]
 
 
 def scan_hr_folder(root: Path | str, hr_size: int) -> FolderScan:
     """Check every image file under `root` (any depth, hidden files and folders skipped)."""
-    from PIL import Image
-
-    from compress.imaging import ImageInputError, iter_image_paths
-
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data {root}: no such folder; give a folder of HR images (any depth)")
-    try:
-        paths = iter_image_paths([root], recursive=True)
-    except ImageInputError as err:
-        raise FileNotFoundError(f"--data {root}: {err}") from None
     scan = FolderScan(root)
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-                image.verify()  # reads the whole file: a truncated or corrupt body is found now, not mid-run
-        except Exception as err:  # PIL raises many kinds for a bad file
-            scan.unreadable[str(path)] = f"{type(err).__name__}: {err}"[:120]
-            continue
-        if min(width, height) >= hr_size:
+    for path in _image_files(root, "--data", "; give a folder of HR images (any depth)"):
+        size = _size(path)
+        if isinstance(size, str):
+            scan.unreadable[str(path)] = size
+        elif min(size) >= hr_size:
             scan.images.append(path)
         else:
             scan.too_small.append(str(path))
@@ -83,26 +99,18 @@ def _decode(path: str) -> np.ndarray:
     return array
 
 
-class FolderPairDataset(Dataset):
+class FolderPairDataset(SeededPairs):
     """(LR, HR) training pairs cropped from the images `scan_hr_folder` accepted; ``length`` items."""
 
     def __init__(self, scan: FolderScan, hr_size: int, degradation: str = "realesrgan", seed: int = 0,
                  length: int = 1000, scale: int = 4, config: DegradationConfig = _DEFAULT_CONFIG) -> None:
         _check_degradation(degradation)
-        if scale < 1 or hr_size < scale or hr_size % scale:
-            raise ValueError(f"hr_size={hr_size} must be a positive multiple of scale={scale}")
+        super().__init__(hr_size, seed, length, scale)
         self.images = [str(p) for p in scan.images]
-        self.hr_size, self.degradation, self.seed = int(hr_size), degradation, int(seed)
-        self.length, self.scale, self.config = int(length), int(scale), config
-
-    def __len__(self) -> int:
-        return self.length
+        self.degradation, self.config = degradation, config
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for FolderPairDataset of length {self.length}")
-        rng = np.random.default_rng([self.seed, index])
+        rng = self.item_rng(index)
         path = self.images[int(rng.integers(len(self.images)))]
         lr, hr = crop_pair(_decode(path), rng, self.hr_size, self.degradation, self.config, self.scale)
         return {"lr": lr, "hr": hr, "name": Path(path).stem}
@@ -120,9 +128,7 @@ class PairScan:
     def summary(self, hr_size: int) -> str:
         line = f"data: {len(self.pairs)} LR/HR pair(s) from {self.lr_root} and {self.hr_root} used"
         if self.skipped:
-            shown = "; ".join(f"{path} ({why})" for path, why in list(self.skipped.items())[:5])
-            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
-            line += f"; {len(self.skipped)} skipped: {shown}{more}"
+            line += f"; {len(self.skipped)} skipped: {_listed(self.skipped)}"
         return line
 
 
@@ -133,32 +139,11 @@ def _pair_key(path: Path, root: Path, scale: int | None) -> str:
     return key[: -len(f"x{scale}")] if scale and key.endswith(f"x{scale}") else key
 
 
-def _size(path: Path) -> tuple[int, int] | str:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            size = image.size
-            image.verify()
-        return size
-    except Exception as err:  # PIL raises many kinds for a bad file
-        return f"{type(err).__name__}: {err}"[:120]
-
-
 def scan_pair_folders(lr_root: Path | str, hr_root: Path | str, hr_size: int, scale: int = 4) -> PairScan:
     """Match the files of two folder trees by name and check each pair: both readable, HR exactly `scale` x LR,
     HR at least `hr_size` on a side. Unmatched files, unreadable ones and wrong sizes are listed and skipped."""
-    from compress.imaging import ImageInputError, iter_image_paths
-
     lr_root, hr_root = Path(lr_root), Path(hr_root)
-    found = {}
-    for root, flag in ((lr_root, "LR_DIR"), (hr_root, "HR_DIR")):
-        if not root.is_dir():
-            raise FileNotFoundError(f"--pairs {flag} {root}: no such folder")
-        try:
-            found[flag] = iter_image_paths([root], recursive=True)
-        except ImageInputError as err:
-            raise FileNotFoundError(f"--pairs {flag} {root}: {err}") from None
+    found = {flag: _image_files(root, f"--pairs {flag}") for root, flag in ((lr_root, "LR_DIR"), (hr_root, "HR_DIR"))}
     lr_by_key = {_pair_key(p, lr_root, scale): p for p in found["LR_DIR"]}
     scan = PairScan(lr_root, hr_root)
     matched = set()
@@ -188,26 +173,16 @@ def scan_pair_folders(lr_root: Path | str, hr_root: Path | str, hr_size: int, sc
     return scan
 
 
-class PairedFolderDataset(Dataset):
+class PairedFolderDataset(SeededPairs):
     """Aligned random crops of pre-degraded (LR, HR) pairs: an HR crop of `hr_size` at a multiple of `scale` and
-    the LR crop it came from, flipped together half the time; item i drawn from `default_rng([seed, i])`."""
+    the LR crop it came from, flipped together half the time."""
 
     def __init__(self, scan: PairScan, hr_size: int, seed: int = 0, length: int = 1000, scale: int = 4) -> None:
-        if scale < 1 or hr_size < scale or hr_size % scale:
-            raise ValueError(f"hr_size={hr_size} must be a positive multiple of scale={scale}")
+        super().__init__(hr_size, seed, length, scale)
         self.pairs = [(str(lr), str(hr)) for lr, hr in scan.pairs]
-        self.hr_size, self.seed, self.length, self.scale = int(hr_size), int(seed), int(length), int(scale)
-
-    def __len__(self) -> int:
-        return self.length
 
     def __getitem__(self, index: int) -> dict:
-        from .pairs import _to_chw_tensor
-
-        index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for PairedFolderDataset of length {self.length}")
-        rng = np.random.default_rng([self.seed, index])
+        rng = self.item_rng(index)
         lr_path, hr_path = self.pairs[int(rng.integers(len(self.pairs)))]
         lr_image, hr_image = _decode(lr_path), _decode(hr_path)
         side = self.hr_size // self.scale

@@ -44,7 +44,31 @@ def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
 
 
-class SRPairDataset(Dataset):
+class SeededPairs(Dataset):
+    """``length`` training pairs, item ``i`` drawn from ``np.random.default_rng([seed, i])``: the same seed gives
+    the same items in any process and after any resume. Subclasses say where the images come from."""
+
+    def __init__(self, hr_size: int, seed: int, length: int, scale: int) -> None:
+        if scale < 1 or hr_size < scale or hr_size % scale:
+            raise ValueError(f"hr_size={hr_size} must be a positive multiple of scale={scale}")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
+        self.hr_size, self.seed, self.length, self.scale = int(hr_size), int(seed), int(length), int(scale)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        """The generator of item `index` (an IndexError outside the dataset)."""
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {type(self).__name__} of length {self.length}")
+        return np.random.default_rng([self.seed, index])
+
+
+class SRPairDataset(SeededPairs):
     """Random HR crops (with random horizontal flip) and their degraded LR, ``length`` per epoch.
 
     Item ``i`` uses ``np.random.default_rng([seed, i])`` for the photo choice, the crop, the flip
@@ -68,18 +92,9 @@ class SRPairDataset(Dataset):
         _check_degradation(degradation)
         if not photos:
             raise ValueError("photos is empty; pass e.g. compress.data.list_photos('train')")
-        if scale < 1 or hr_size < scale or hr_size % scale:
-            raise ValueError(f"hr_size={hr_size} must be a positive multiple of scale={scale}")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
+        super().__init__(hr_size, seed, length, scale)
         self.photos = list(photos)
-        self.hr_size = int(hr_size)
         self.degradation = degradation
-        self.seed = int(seed)
-        self.length = int(length)
-        self.scale = int(scale)
         self.config = config
         self._images: list[np.ndarray] = []
         for photo in self.photos:
@@ -92,14 +107,8 @@ class SRPairDataset(Dataset):
             image.flags.writeable = False  # shared cache: crops must never modify it
             self._images.append(image)
 
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for SRPairDataset of length {self.length}")
-        rng = np.random.default_rng([self.seed, index])
+        rng = self.item_rng(index)
         photo_index = int(rng.integers(len(self.photos)))
         lr, hr = crop_pair(self._images[photo_index], rng, self.hr_size, self.degradation, self.config, self.scale)
         return {"lr": lr, "hr": hr, "name": self.photos[photo_index].name}

@@ -132,3 +132,36 @@ def check_release_files(paths: ReleasePaths) -> None:
         raise ModelLoadError("TSD-SR release incomplete, missing: " + "; ".join(missing) + ". " + HOW_TO_GET)
 
 
+
+
+def locate_model(spec: str | Path | None, flag: str = "--model") -> tuple[str, str | Path]:
+    """What a `--model` value names, decided from the files alone (no torch), so that loading
+    (`compress.models.resolve.load_model`) and the fail-fast checks (`compress.models.preflight`) agree:
+
+    ("preset", "preset:NAME[@SEED]"), ("artifact", folder with manifest.json), ("student", folder with
+    student_config.json: a run folder's model/ too) or ("release", TSD-SR release root). None is the built-in
+    reference student when this checkout ships one, else the tiny preset. Anything else raises ModelLoadError."""
+    from compress.runtime.manifest import MANIFEST_NAME
+
+    if spec is None:
+        spec = REFERENCE_DIR if REFERENCE_DIR.is_dir() else "preset:tiny"
+    if str(spec).startswith("preset:"):
+        return "preset", str(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(
+            f"{flag} {spec}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
+            "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
+        )
+    if (path / MANIFEST_NAME).is_file() and not (path / STUDENT_CONFIG_NAME).is_file():
+        return "artifact", path
+    if not (path / STUDENT_CONFIG_NAME).is_file() and (path / "model" / STUDENT_CONFIG_NAME).is_file():
+        path = path / "model"  # a run folder (prune's or distill's OUT): its model
+    if (path / STUDENT_CONFIG_NAME).is_file():
+        return "student", path
+    if is_release_root(path):
+        return "release", path
+    raise ModelLoadError(
+        f"{flag} {path}: not a model folder. Looked for {path / STUDENT_CONFIG_NAME} (saved student) and "
+        f"{path / 'checkpoint/tsdsr'} / {path / 'dataset/default'} (TSD-SR release); found neither."
+    )

@@ -35,7 +35,7 @@ from compress.models.errors import ModelLoadError
 from compress.models.layout import (
     COMPONENTS, CONDITIONING_NAME, FORMAT_TAG, POOLED_EMBEDS, PROMPT_EMBEDS, REFERENCE_DIR,
     STUDENT_CONFIG_NAME, STUDENT_FORMAT_VERSION, TRANSFORMER_LORA, VAE_LORA, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
-    check_release_files, is_release_root, release_paths,
+    check_release_files, locate_model, release_paths,
 )
 
 # safetensors dtype -> (bytes per element, the unsigned view, the bits that are all ones in NaN/inf or None)
@@ -58,13 +58,6 @@ def nonfinite_error(where, name: str, bad: int, total: int) -> ModelLoadError:
     return ModelLoadError(
         f"{where}: tensor '{name}' has {bad} NaN/inf value(s) of {total}; the file is damaged "
         "or was saved from a diverged run: copy it again or use an earlier checkpoint"
-    )
-
-
-def missing_model_error(spec, flag: str = "--model") -> ModelLoadError:
-    return ModelLoadError(
-        f"{flag} {spec}: no such folder. Give a folder saved by this toolkit (with {STUDENT_CONFIG_NAME}), "
-        "a TSD-SR release root (checkpoint/tsdsr/ + dataset/default/), or preset:NAME."
     )
 
 
@@ -93,18 +86,21 @@ def _read_json(path: Path, what: str) -> dict:
 
 def _count_nonfinite(path: Path, offset: int, nbytes: int, dtype: str) -> int:
     """NaN/inf elements in `nbytes` bytes of `path` from `offset`, read through a memory map in chunks."""
-    size, view, bits = _FLOAT_BITS[dtype]
     if nbytes == 0:
         return 0
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(nbytes,))
-    bits = view(bits)
+    size = _FLOAT_BITS[dtype][0]
     step = _CHUNK_BYTES - _CHUNK_BYTES % size
-    bad = 0
-    for start in range(0, nbytes, step):
-        chunk = np.frombuffer(data[start:start + step], dtype=view)  # a copy-free view of the mapped bytes
-        bad += int(np.count_nonzero((chunk & bits) == bits))
+    bad = sum(_nonfinite_in(data[start:start + step], dtype) for start in range(0, nbytes, step))
     del data
     return bad
+
+
+def _nonfinite_in(raw, dtype: str) -> int:
+    """NaN/inf elements in the bytes `raw` of floats of safetensors type `dtype`: exponent bits all ones."""
+    _, view, bits = _FLOAT_BITS[dtype]
+    values = np.frombuffer(raw, dtype=view)  # a copy-free view of the bytes
+    return int(np.count_nonzero((values & view(bits)) == view(bits)))
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -211,11 +207,10 @@ def scan_torch_tensor(path: Path, what: str) -> tuple[int, ...]:
                 info = archive.getinfo(f"{prefix}data/{storage.key}")
                 if info.compress_type != zipfile.ZIP_STORED:
                     raise ModelLoadError(f"{damaged} (compressed storage); save it again with torch.save")
-                raw = np.frombuffer(archive.read(info), dtype=_FLOAT_BITS[storage.dtype][1])
-                bits = raw.dtype.type(_FLOAT_BITS[storage.dtype][2])
-                bad = int(np.count_nonzero((raw & bits) == bits))
+                raw = archive.read(info)
+                bad = _nonfinite_in(raw, storage.dtype)
                 if bad:
-                    raise nonfinite_error(path, what, bad, raw.size)
+                    raise nonfinite_error(path, what, bad, len(raw) // _FLOAT_BITS[storage.dtype][0])
     except ModelLoadError:
         raise
     except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, OSError) as err:
@@ -336,25 +331,15 @@ def check_artifact(folder: Path) -> None:
 
 
 def check_model_files(spec: str | Path | None, base_model: Path | None = None, flag: str = "--model") -> None:
-    """Check the files behind a `--model` value (same values as `compress.models.resolve.load_model`) without
-    torch; raise ModelLoadError naming the first problem. Presets have no files: nothing to check."""
-    from compress.runtime.manifest import MANIFEST_NAME
-
-    if spec is None:
-        if not REFERENCE_DIR.is_dir():
-            return
-        spec = REFERENCE_DIR
-    if str(spec).startswith("preset:"):
-        return
-    path = Path(spec)
-    if not path.exists():
-        raise missing_model_error(spec, flag)
-    if (path / MANIFEST_NAME).is_file() and not (path / STUDENT_CONFIG_NAME).is_file():
-        check_artifact(path)
-    elif (path / STUDENT_CONFIG_NAME).is_file() or (path / "model" / STUDENT_CONFIG_NAME).is_file():
-        check_saved_student(path if (path / STUDENT_CONFIG_NAME).is_file() else path / "model")
-    elif is_release_root(path):
-        check_release(path, Path(base_model) if base_model else None)
+    """Check the files behind a `--model` value (`compress.models.layout.locate_model` says what it names)
+    without torch; raise ModelLoadError naming the first problem. Presets have no files: nothing to check."""
+    kind, where = locate_model(spec, flag)
+    if kind == "artifact":
+        check_artifact(where)
+    elif kind == "student":
+        check_saved_student(where)
+    elif kind == "release":
+        check_release(where, Path(base_model) if base_model else None)
 
 
 def check_prior(path: str | Path) -> None:

@@ -20,9 +20,8 @@ import torch
 
 from compress.models.errors import ModelLoadError
 from compress.models.layout import (  # noqa: F401  (re-exported: where the built-in models are)
-    ASSETS_DIR, REFERENCE_DIR, REFERENCE_REC_DIR, SAMPLE_IMAGE, STUDENT_CONFIG_NAME,
+    ASSETS_DIR, REFERENCE_DIR, REFERENCE_REC_DIR, SAMPLE_IMAGE, STUDENT_CONFIG_NAME, locate_model,
 )
-from compress.models.preflight import missing_model_error
 from compress.models.student import OneStepSR
 
 
@@ -50,17 +49,11 @@ def load_model(
     sample_posterior: bool = False,
 ) -> LoadedModel:
     from compress.models.presets import build_random_components, get_preset
-    from compress.models.release import is_release_root, load_tsdsr_release
+    from compress.models.release import load_tsdsr_release
 
-    if spec is None:
-        if REFERENCE_DIR.is_dir():
-            loaded = load_model(REFERENCE_DIR, device=device, dtype=dtype, sample_posterior=sample_posterior)
-            loaded.description = f"built-in reference TSD-SR student ({REFERENCE_DIR})"
-            return loaded
-        spec = "preset:tiny"
-    spec_text = str(spec)
-    if spec_text.startswith("preset:"):
-        name, _, seed = spec_text[len("preset:") :].partition("@")
+    kind, where = locate_model(spec)
+    if kind == "preset":
+        name, _, seed = str(where)[len("preset:") :].partition("@")
         preset = get_preset(name)
         transformer, vae, prompt, pooled = build_random_components(preset, seed=int(seed or 0))
         model = OneStepSR(transformer, vae, prompt, pooled)
@@ -70,34 +63,25 @@ def load_model(
             "This is a structural stand-in, not a trained model; its output is not a meaningful upscale."
         )
         return LoadedModel(model.to_runtime(device, dtype), description, True)
-    path = Path(spec_text)
-    if not path.exists():
-        raise missing_model_error(spec_text)
-    from compress.runtime.manifest import MANIFEST_NAME
-
-    if (path / MANIFEST_NAME).is_file() and not (path / STUDENT_CONFIG_NAME).is_file():
+    if kind == "artifact":
         from compress.runtime.manifest import read_manifest
         from compress.runtime.onnx import OnnxStudent
 
-        manifest = read_manifest(path)  # a damaged, foreign or newer manifest fails here, naming why
+        manifest = read_manifest(where)  # a damaged, foreign or newer manifest fails here, naming why
 
         if device != "cpu" or dtype != torch.float32:
             raise ModelLoadError(
-                f"--model {path} is an exported artifact: it runs on ONNX Runtime's CPU provider at the precision "
+                f"--model {where} is an exported artifact: it runs on ONNX Runtime's CPU provider at the precision "
                 "it was exported with; drop --device/--dtype"
             )
-        runtime = OnnxStudent(path, manifest=manifest)
+        runtime = OnnxStudent(where, manifest=manifest)
         return LoadedModel(runtime, runtime.describe(), False)
-    if not (path / STUDENT_CONFIG_NAME).is_file() and (path / "model" / STUDENT_CONFIG_NAME).is_file():
-        path = path / "model"  # a run folder (prune's or distill's OUT): its model
-    if (path / STUDENT_CONFIG_NAME).is_file():
-        model = OneStepSR.from_pretrained(path, device=device, dtype=dtype)
+    if kind == "student":
+        model = OneStepSR.from_pretrained(where, device=device, dtype=dtype)
         model.settings.sample_posterior = sample_posterior or model.settings.sample_posterior
-        return LoadedModel(model, f"saved student {path}", False)
-    if is_release_root(path):
-        model = load_tsdsr_release(path, base=base_model, device=device, dtype=dtype, sample_posterior=sample_posterior)
-        return LoadedModel(model, f"TSD-SR release {path}", False)
-    raise ModelLoadError(
-        f"--model {path}: not a model folder. Looked for {path / STUDENT_CONFIG_NAME} (saved student) and "
-        f"{path / 'checkpoint/tsdsr'} / {path / 'dataset/default'} (TSD-SR release); found neither."
-    )
+        return LoadedModel(model, f"saved student {where}", False)
+    base = None if spec is None else base_model  # the built-in student ships its base
+    model = load_tsdsr_release(where, base=base, device=device, dtype=dtype, sample_posterior=sample_posterior)
+    if spec is None:
+        return LoadedModel(model, f"built-in reference TSD-SR student ({REFERENCE_DIR})", False)
+    return LoadedModel(model, f"TSD-SR release {where}", False)

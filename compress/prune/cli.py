@@ -212,9 +212,7 @@ def run_from_args(ns: argparse.Namespace) -> int:
     from compress.models.preflight import check_model_files
 
     if ns.output is not None and not args.dry_run:
-        check_output_folder(ns.output)
-    if ns.output is not None and ns.output.exists() and not args.overwrite and not args.dry_run:
-        raise FileExistsError(f"-o {ns.output} already exists; pass --overwrite to replace it")
+        check_output_folder(ns.output, overwrite=args.overwrite)
     check_model_files(ns.model, ns.base_model)  # a damaged folder fails in a second, before torch is imported
     from compress.budget import BUDGET_EXIT_CODE
     from compress.prune.run import prune
