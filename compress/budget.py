@@ -44,8 +44,8 @@ def load_budget(path: Path | str | None = None, default_name: str = DEFAULT_BUDG
         raise ValueError(f"--budget {path}: unknown sections {unknown}; allowed: [limits], [beat_bicubic], [parity]")
     parity = budget.get("parity", {})
     for precision, floor in parity.items():
-        if precision not in ("fp32", "fp16") or not isinstance(floor, (int, float)) or floor <= 0:
-            raise ValueError(f"--budget {path}: parity.{precision} must be fp32 or fp16 = a PSNR floor in dB > 0, "
+        if precision not in ("fp32", "fp16", "int8") or not isinstance(floor, (int, float)) or floor <= 0:
+            raise ValueError(f"--budget {path}: parity.{precision} must be fp32, fp16 or int8 = a PSNR floor in dB > 0, "
                              f"got {floor!r}")
     for metric, limit in budget.get("limits", {}).items():
         if not isinstance(limit, dict) or len(limit) != 1 or next(iter(limit)) not in ("drop", "rise"):

@@ -74,10 +74,11 @@ def clear_stale_temporaries(output: Path) -> None:
 def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, description: str,
                 precision: str = "fp32", opset: int = 17, components: bool = False, budget_path=None,
                 parity_sizes=DEFAULT_PARITY_SIZES, metrics=QUALITY_METRICS, overwrite: bool = False,
-                check_quality: bool = True, quality_images: int | None = None) -> dict:
+                check_quality: bool = True, quality_images: int | None = None,
+                calibration_images: int = 8) -> dict:
     """Write the ONNX artifact OUT (end-to-end graph, and the components with `components`), validated."""
     from export.graphs import with_precisions
-    from export.onnx import FP16_TRIAL_ORDER, run_onnx, save_optimized, trace_to_onnx
+    from export.onnx import EXTERNAL_DATA_BYTES, FP16_TRIAL_ORDER, run_onnx, save_optimized, trace_to_onnx
 
     budget = load_budget(budget_path, EXPORT_BUDGET_NAME)
     output = Path(output)
@@ -87,7 +88,10 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
             prefix=f".{output.name}.", suffix=".tmp", dir=output.parent) as scratch_dir:
         scratch = Path(scratch_dir)  # traced graphs before optimization; named like atomic_dir's, so cleared alike
         precisions = {name: "fp32" for name in COMPONENT_NAMES}
-        fp16_trials = {}
+        fp16_trials, int8_trials, int8_components = {}, {}, []
+        if precision == "int8":
+            int8_trials, int8_components, calibration = int8_trial(student, scratch, budget, parity_sizes, opset,
+                                                                   calibration_images)
         if precision == "fp16":
             floor = budget["parity"].get("fp16", 35.0)
             photos = [stage_inputs(student, lr) for _, lr in parity_photos(parity_sizes)]
@@ -117,10 +121,28 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
         specs = {spec.name: spec for spec in graph_specs(exported, GRAPH_NAMES)}
         shipped = GRAPH_NAMES if components else ("end_to_end",)
         graphs, written = {}, []
+        if precision == "int8":
+            from export.quantize import precision_label
+
+            precisions["end_to_end"] = precision_label(int8_components)
+            for name in COMPONENT_NAMES:
+                precisions[name] = "int8" if name in int8_components else "fp32"
         for index, name in enumerate(shipped, 1):  # one graph in memory at a time: a 2 B model is 8 GB each
             log(f"export [{index}/{len(shipped)}] tracing {name} (opset {opset}, {precisions[name]}) ...")
             raw = trace_to_onnx(specs[name], scratch / name, opset)
-            files = save_optimized(raw, tmp / f"{name}.onnx")
+            quantized = [c for c in int8_components if name in ("end_to_end", c)]
+            if quantized:
+                from export.onnx import folder_bytes
+                from export.quantize import quantize_graph
+
+                log(f"export [{index}/{len(shipped)}] int8: {', '.join(quantized)} ...")
+                files = [f"{name}.onnx"]
+                external = folder_bytes(raw) > EXTERNAL_DATA_BYTES
+                inputs = [stage_inputs(student, lr)[name][0] for lr in calibration]
+                quantize_graph(raw, tmp / files[0], quantized, inputs, external_data=external)
+                files += [files[0] + ".data"] if external else []
+            else:
+                files = save_optimized(raw, tmp / f"{name}.onnx")
             shutil.rmtree(raw.parent)
             written += files
             spec = specs[name]
@@ -132,7 +154,7 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
             "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "runtime": "onnx", "graphs": graphs,
             "student": student_geometry(student), "source": source_record(model_arg, description, student),
             "tools": tool_versions(), "exporter": "torch.onnx.export(dynamo=False), ONNX Runtime basic optimization",
-            "fp16_trials": fp16_trials, "files": file_entries(tmp, written),
+            "fp16_trials": fp16_trials, "int8_trials": int8_trials, "files": file_entries(tmp, written),
         }
         log(f"export: graphs written in {time.perf_counter() - start:.0f} s; validating ...")
         report = validate(tmp, manifest=manifest, student=student, budget=budget, parity_sizes=parity_sizes,
@@ -143,6 +165,36 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
         write_json(tmp / MANIFEST_NAME, manifest)  # last: its presence marks a complete artifact
     log(f"export: {output} in {time.perf_counter() - start:.0f} s")
     return report
+
+
+def int8_trial(student: OneStepSR, scratch: Path, budget: dict, parity_sizes, opset: int, calibration_images: int):
+    """Each quantizable component's own graph quantized alone and compared with PyTorch on the parity photos
+    (export.quantize): ({component: trial record}, the components that stay int8, the calibration LR crops)."""
+    from export.onnx import run_onnx, trace_to_onnx
+    from export.quantize import INT8_COMPONENTS, calibration_lr, quantize_graph
+
+    floor = budget["parity"].get("int8", 35.0)
+    calibration = calibration_lr(calibration_images)
+    photos = [stage_inputs(student, lr) for _, lr in parity_photos(parity_sizes)]
+    trials, kept = {}, []
+    for name in INT8_COMPONENTS:
+        log(f"int8 trial {name}: quantizing it alone ({calibration_images} calibration crops) ...")
+        spec = graph_specs(student, (name,))[0]
+        raw = trace_to_onnx(spec, scratch / f"trial-{name}", opset)
+        candidate = scratch / f"trial-{name}" / "int8.onnx"
+        counts = quantize_graph(raw, candidate, (name,), [stage_inputs(student, lr)[name][0] for lr in calibration])
+        worst = math.inf
+        for output, stages in zip(run_onnx(candidate, [stages[name][0] for stages in photos]), photos):
+            result = parity_psnr(output, stages[name][1].numpy(), PEAKS.get(spec.output_name))
+            worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
+        shutil.rmtree(raw.parent)
+        keep = worst >= floor
+        trials[name] = {"int8_psnr_db": worst if math.isfinite(worst) else None, "finite": worst != -math.inf,
+                        "floor_db": floor, "precision": "int8" if keep else "fp32", **counts}
+        log(f"int8 trial {name}: worst parity {worst:.1f} dB vs floor {floor} -> {'int8' if keep else 'kept fp32'}")
+        if keep:
+            kept.append(name)
+    return trials, kept, calibration
 
 
 # -- Core ML ---------------------------------------------------------------------------------------------
@@ -290,7 +342,7 @@ def onnx_parity(folder: Path, manifest: dict, student: OneStepSR, budget: dict, 
     batch = (f"batch of 2 @{first.shape[-2]}x{first.shape[-1]}", stage_inputs(student, torch.cat([first, first.flip(-1)])))
     rows, failed = {}, []
     for name, graph in manifest["graphs"].items():
-        floor = budget["parity"].get("fp32" if graph["precision"] == "fp32" else "fp16", 40.0)
+        floor = budget["parity"].get(precision_family(graph["precision"]), 40.0)
         rows[name] = []
         cases = [(label, outputs[name]) for label, outputs in stages + ([batch] if name == "end_to_end" else [])]
         for label, (source, reference) in cases:
@@ -303,6 +355,11 @@ def onnx_parity(folder: Path, manifest: dict, student: OneStepSR, budget: dict, 
                 got = "non-finite output (overflow)" if not result["finite"] else f"{result['psnr_db']:.1f} dB"
                 failed.append(f"parity {name} ({graph['precision']}) on {label}: {got} < floor {floor} dB")
     return rows, failed
+
+
+def precision_family(precision: str) -> str:
+    """The [parity] floor a graph is held to: "fp16+fp32:vae_decoder" -> fp16, "int8+fp32:..." -> int8."""
+    return precision.split("+")[0]
 
 
 def markdown(report: dict) -> str:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PRECISIONS_ONNX = ("fp32", "fp16")
+PRECISIONS_ONNX = ("fp32", "fp16", "int8")
 PRECISIONS_COREML = ("fp16", "fp32")
 PALETTE_BITS = (1, 2, 3, 4, 6, 8)
 
@@ -20,6 +20,7 @@ ONNX_EXAMPLES = """examples:
   python -m export onnx -o artifacts/builtin-onnx                      # the built-in student, fp32, end to end
   python -m export onnx --model runs/small --components -o artifacts/small-onnx   # + one graph per stage
   python -m export onnx --model runs/small --precision fp16 -o artifacts/small-fp16
+  python -m export onnx --model runs/small --precision int8 -o artifacts/small-int8   # for CPUs
   python -m compress upscale photo.png --model artifacts/small-onnx -o outputs/   # run it in ONNX Runtime
 """
 COREML_EXAMPLES = """examples:
@@ -61,7 +62,10 @@ class CommonArgs:
 @dataclass
 class OnnxArgs(CommonArgs):
     precision: str = field(default="fp32", metadata={
-        "choices": PRECISIONS_ONNX, "help": "fp16 keeps any component that fails the fp16 parity floor in fp32"})
+        "choices": PRECISIONS_ONNX, "help": "fp16 / int8 keep any component that fails its parity floor in fp32 "
+        "(int8: static QDQ convolutions in the VAE, dynamic int8 linear layers in the transformer, for the CPU)"})
+    calibration_images: int = field(default=8, metadata={
+        "help": "int8: LR crops of the training photos that calibrate the activation ranges"})
     opset: int = field(default=17, metadata={"help": "ONNX opset"})
     components: bool = field(default=False, metadata={
         "help": "also write one graph per stage (upsample, VAE encoder, transformer, VAE decoder) for tiling"})
@@ -71,6 +75,8 @@ class OnnxArgs(CommonArgs):
     def __post_init__(self):
         if self.opset < 14 or self.opset > 21:
             raise ValueError(f"--opset must be between 14 and 21, got {self.opset}")
+        if self.calibration_images < 1:
+            raise ValueError(f"--calibration-images must be >= 1, got {self.calibration_images}")
 
 
 @dataclass
@@ -178,7 +184,8 @@ def run_onnx(ns: argparse.Namespace) -> int:
     report = export_onnx(loaded.model, ns.output, model_arg=ns.model, description=loaded.description,
                          precision=args.precision, opset=args.opset, components=args.components,
                          budget_path=args.budgets, parity_sizes=args.parity_sizes, overwrite=args.overwrite,
-                         check_quality=not args.skip_quality, quality_images=args.quality_images)
+                         check_quality=not args.skip_quality, quality_images=args.quality_images,
+                         calibration_images=args.calibration_images)
     return _finish(report, ns.output)
 
 

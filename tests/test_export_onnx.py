@@ -217,3 +217,47 @@ def test_artifact_refuses_device_and_dtype_flags(tiny_artifact):
 
     with pytest.raises(ModelLoadError, match="exported artifact: it runs on ONNX Runtime"):
         load_model(str(tiny_artifact), dtype=torch.float16)
+
+
+def _budget_with_int8_floor(tmp_path: Path, floor: float) -> Path:
+    text = (ROOT / "compress" / "assets" / "budgets" / "export.toml").read_text()
+    path = tmp_path / f"int8-{floor:g}.toml"
+    path.write_text(text.replace("int8 = 35.0", f"int8 = {floor}"))
+    return path
+
+
+def test_int8_quantizes_each_component_that_meets_its_floor_and_keeps_the_others_fp32(tmp_path):
+    import onnx
+
+    # A floor of 1 dB keeps every component int8: static QDQ convolutions in the VAE, dynamic linear layers in
+    # the transformer, the bicubic upsample never quantized; the artifact runs and passes parity at that floor.
+    out = tmp_path / "int8"
+    assert export_main("onnx", "--model", "preset:tiny", "--precision", "int8", "--components", "--skip-quality",
+                       "--calibration-images", "2", "--budgets", _budget_with_int8_floor(tmp_path, 1), "-o", out) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    trials = manifest["int8_trials"]
+    assert set(trials) == {"vae_decoder", "vae_encoder", "transformer"}
+    for name, trial in trials.items():
+        assert trial["precision"] == "int8" and trial["finite"] and 1 < trial["int8_psnr_db"] < 200, (name, trial)
+    assert trials["vae_encoder"]["static_conv_nodes"] > 0 and trials["transformer"]["dynamic_linear_nodes"] > 0
+    graphs = manifest["graphs"]
+    assert graphs["end_to_end"]["precision"] == "int8" and graphs["upsample"]["precision"] == "fp32"
+
+    def ops(name):
+        return {node.op_type for node in onnx.load(str(out / f"{name}.onnx")).graph.node}
+
+    assert {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"} <= ops("end_to_end")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops("vae_decoder") and "DynamicQuantizeLinear" not in ops("vae_decoder")
+    assert "DynamicQuantizeLinear" in ops("transformer") and "QuantizeLinear" not in ops("transformer")
+    assert not {"QuantizeLinear", "DynamicQuantizeLinear"} & ops("upsample")
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and all(row["floor_db"] == 1 for row in report["parity"]["end_to_end"])
+
+    # A floor no int8 graph can meet: every component stays fp32, and the artifact says so.
+    out = tmp_path / "int8-fallback"
+    assert export_main("onnx", "--model", "preset:tiny", "--precision", "int8", "--skip-quality",
+                       "--calibration-images", "2", "--budgets", _budget_with_int8_floor(tmp_path, 300), "-o", out) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert all(t["precision"] == "fp32" for t in manifest["int8_trials"].values())
+    assert manifest["graphs"]["end_to_end"]["precision"] == "fp32"
+    assert not {"QuantizeLinear", "DynamicQuantizeLinear"} & {n.op_type for n in onnx.load(str(out / "end_to_end.onnx")).graph.node}
