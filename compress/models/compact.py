@@ -59,7 +59,9 @@ class BlockSpec:
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS)
+    # the width as a Python int: ONNX tracing would turn `x.shape[-1:]` into a computed list, which
+    # layer_norm's normalized_shape cannot be (the width is fixed by the weights anyway)
+    return F.layer_norm(x, (int(x.shape[-1]),), eps=NORM_EPS)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(query, key, value)
         batch, heads, tokens, head_dim = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-        image = self.to_out[0](out[:, : x.shape[1]])
+        # no slice without a text stream: a whole-length slice is an `alias` node Core ML's converter refuses
+        image = self.to_out[0](out if context is None else out[:, : x.shape[1]])
         if context is None or not hasattr(self, "to_add_out"):
             return image, None
         return image, self.to_add_out(out[:, x.shape[1]:])
@@ -219,7 +222,10 @@ class CompactSD3Transformer(ModelMixin, ConfigMixin):
         layer gate x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i on both streams (TinyFusion, Fang et al.
         2025, Sec. 3; TinySR Eq. 1): depth-pruning searches and sensitivity scores use it; None runs all.
         """
-        if timestep is not None:
+        # a check of the caller's value: graph capture (ONNX tracing, torch.export for Core ML) cannot branch on
+        # a tensor's data, and the exported graphs feed the folded-in t themselves (OneStepSR.velocity)
+        capturing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        if timestep is not None and not capturing:
             value = timestep if not torch.is_tensor(timestep) else timestep.detach()
             if torch.is_tensor(value) and value.numel() and not bool((value == self.config.timestep).all()):
                 raise ValueError(f"this transformer has t = {self.config.timestep:g} folded in; got {value.tolist()}")

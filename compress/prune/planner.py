@@ -359,8 +359,11 @@ def search(families: list[Family], costs: dict[str, dict], counter: ParamCounter
     return levels, moves
 
 
-def plan_for_target(student, target: float, args, calibration, progress: bool = True) -> dict:
-    """Measure the candidate steps on `student` and choose those that land on `target` (module docstring)."""
+def plan_for_target(student, target: float, args, calibration, progress: bool = True,
+                    costs: dict[str, dict] | None = None) -> dict:
+    """Measure the candidate steps on `student` and choose those that land on `target` (module docstring).
+    `costs`: the "costs" of an earlier plan of the same student and settings (they do not depend on the
+    target), so that a sweep over targets measures once."""
     from compress.prune.importance import COST_METRIC, measure_step_costs
 
     families = candidate_families(student.transformer, student.vae, args.round_to, args.method)
@@ -368,7 +371,8 @@ def plan_for_target(student, target: float, args, calibration, progress: bool = 
     total = sum(p.numel() for p in student.parameters())
     check_target(target, counter, total)
     measured = [f.levels[i] for f in families for i in f.measured()]
-    costs = measure_step_costs(student, measured, args, calibration, progress=progress)
+    if costs is None or any(str(step) not in costs for step in measured):
+        costs = measure_step_costs(student, measured, args, calibration, progress=progress)
     levels, moves = search(families, costs, counter, total, target)
     steps = counter.steps(levels)
     return {

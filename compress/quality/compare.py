@@ -26,13 +26,16 @@ def _unit(image: torch.Tensor) -> torch.Tensor:
 
 
 def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...], limit: int | None = None,
-            bicubic_metrics: tuple[str, ...] | None = None, compare_outputs: bool = True) -> dict:
+            bicubic_metrics: tuple[str, ...] | None = None, compare_outputs: bool = True, pairs=None,
+            original_outputs: dict | None = None) -> dict:
     """Every requested metric of the student vs HR, of the uncompressed student vs HR, and of the student vs
     the uncompressed student's output, on the validation photos (Real-ESRGAN degradation, 256 px, wavelet).
 
     `student` may be anything compress.pipeline.upscale_tensor runs (an exported artifact too). `limit`
     scores the first N photos; `bicubic_metrics` restricts bicubic's row to those metrics (a budget only
-    compares bicubic on its beat_bicubic list); `compare_outputs=False` drops the student-vs-original row."""
+    compares bicubic on its beat_bicubic list); `compare_outputs=False` drops the student-vs-original row.
+    `pairs`: (name, LR, HR) to score instead of the validation photos (a user's folder). `original_outputs`: a
+    dict the caller keeps between calls on the same photos, so the uncompressed student runs once per photo."""
     from compress.data.pairs import fixed_validation_pairs
     from compress.evaluate import DEFAULT_METRICS, build_scorers
     from compress.options import DEFAULT_COLOR_FIX, TileSettings
@@ -42,13 +45,16 @@ def quality(original: OneStepSR, student: OneStepSR, metrics: tuple[str, ...], l
         return {}
     names = DEFAULT_METRICS if metrics == ("all",) else metrics
     scorers, skipped = build_scorers(names, "cpu")
-    pairs = fixed_validation_pairs("realesrgan", hr_size=256)[:limit]
+    pairs = (fixed_validation_pairs("realesrgan", hr_size=256) if pairs is None else list(pairs))[:limit]
     rows = {"student_vs_hr": [], "original_vs_hr": [], "bicubic_vs_hr": [], "student_vs_original": []}
-    for _, lr, hr in pairs:
-        lr, hr = lr[None], hr[None]
+    cache = {} if original_outputs is None else original_outputs
+    for name, lr, hr in pairs:
+        lr, hr = (lr[None], hr[None]) if lr.dim() == 3 else (lr, hr)
         settings = TileSettings(mode="auto")
         ours = _unit(upscale_tensor(student, lr, settings, DEFAULT_COLOR_FIX))
-        theirs = _unit(upscale_tensor(original, lr, settings, DEFAULT_COLOR_FIX))
+        if name not in cache:
+            cache[name] = _unit(upscale_tensor(original, lr, settings, DEFAULT_COLOR_FIX))
+        theirs = cache[name]
         bicubic = _unit(torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False))
         for key, image, reference in (("student_vs_hr", ours, hr), ("original_vs_hr", theirs, hr),
                                       ("bicubic_vs_hr", bicubic, hr), ("student_vs_original", ours, theirs)):
