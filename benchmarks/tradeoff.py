@@ -243,7 +243,9 @@ class Sweep:
             common = dict(model_arg=str(self.folder(target) / "prune") if target != 1.0 else self.model_arg,
                           description=f"{self.description} at {label(target)} of its parameters", overwrite=True)
             if runtime == "coreml":
-                export_coreml(student, folder, precision="fp16", shapes=tuple((s, s) for s in self.args.sizes), **common)
+                # one shape: the weights (all a package's size) do not depend on it, and the end-to-end graph
+                # cannot take LR sides whose latent passes the transformer's position table (256 on the built-in)
+                export_coreml(student, folder, precision="fp16", shapes=((self.args.sizes[0],) * 2,), **common)
             else:
                 export_onnx(student, folder, precision="int8" if runtime == "onnx-int8" else "fp32", metrics=("all",),
                             quality_images=self.args.quality_images, calibration_images=self.args.calibration_images,
@@ -279,7 +281,7 @@ class Sweep:
 
 def stage_list(sweep: Sweep) -> list[tuple[str, str]]:
     """What is left to do, in order, for the progress display."""
-    stages = []
+    stages = [("plan", "all")] if targets_to_prune(sweep) else []
     for target in sweep.args.targets:
         record = sweep.read_measure(target)
         if record.get("complete") and all(r in record["runtimes"] for r in sweep.args.runtimes):
@@ -292,14 +294,21 @@ def stage_list(sweep: Sweep) -> list[tuple[str, str]]:
     return stages + [("latency", "all")]
 
 
+def targets_to_prune(sweep: Sweep) -> list[float]:
+    return [t for t in sweep.args.targets if t != 1.0 and not (sweep.folder(t) / "prune" / "prune_report.json").is_file()
+            and not sweep.read_measure(t).get("complete")]
+
+
 def run_targets(sweep: Sweep, progress: Progress) -> dict[float, dict]:
     import torch
 
     args = sweep.args
-    records = {}
-    to_prune = [t for t in args.targets if t != 1.0 and not (sweep.folder(t) / "prune" / "prune_report.json").is_file()
-                and not (sweep.read_measure(t).get("complete"))]
-    plans = sweep.plans(to_prune) if to_prune else {}
+    records, plans = {}, {}
+    to_prune = targets_to_prune(sweep)
+    if to_prune:  # one measurement of the candidate steps serves every target
+        began = progress.start("plan", "all")
+        plans = sweep.plans(to_prune)
+        progress.finish("plan", began)
     for target in args.targets:
         record = sweep.read_measure(target)
         if record.get("complete") and all(r in record["runtimes"] for r in args.runtimes):
@@ -329,6 +338,13 @@ def run_targets(sweep: Sweep, progress: Progress) -> dict[float, dict]:
         with torch.no_grad():
             record["runtimes"]["torch"] = {"bytes": record["torch_bytes"], "precision": "fp32",
                                            "quality": sweep.quality(student)}
+            for runtime in ("onnx", "onnx-int8"):  # export scores quality only after parity passed: score the rest
+                entry = record["runtimes"].get(runtime)
+                if entry and "error" not in entry and not entry.get("quality"):
+                    from compress.runtime.onnx import OnnxStudent
+
+                    entry["quality"] = sweep.quality(OnnxStudent(sweep.folder(target) / runtime))
+                    entry["quality_note"] = "scored by the sweep: the export gate failed before its quality check"
         if args.data is not None:
             from compress.runtime.onnx import OnnxStudent
 
@@ -500,11 +516,25 @@ def write_outputs(sweep: Sweep, records, latency, rows, refs, started: float, ar
     if "coreml" in args.runtimes:
         lines += ["", f"Core ML latency and quality: {latency.get('coreml')}; its packages were converted and "
                   "checked as specs (size above)."]
+    lines += ["", f"bf16: {bf16_note()}"]
     lines += ["", f"![latency against quality]({'pareto.png'})", "",
               f"Sweep time: {(time.perf_counter() - started) / 60:.1f} min in this invocation (finished targets reused "
               f"from earlier invocations are not counted). LR {size} -> {4 * size} is the plot's latency.", ""]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def bf16_note() -> str:
+    """Whether this CPU has bf16 arithmetic (the flags Linux reports), for the report's bf16 line."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "not measured: this sweep cannot read the CPU's flags here (/proc/cpuinfo)"
+    present = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if not present:
+        return ("not measured: this CPU has no bf16 arithmetic (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo), "
+                "so bf16 is not a row of this sweep")
+    return f"not measured by this sweep yet, although this CPU has {', '.join(present)}"
 
 
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[tuple[float, float]]:
