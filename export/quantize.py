@@ -91,7 +91,8 @@ def quantize_graph(fp32: Path, output: Path, components, calibration: list[torch
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    output = Path(output)
+    # absolute: the tools run inside a scratch folder (below), where a relative path would name nothing
+    fp32, output = Path(fp32).resolve(), Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
     static, dynamic = quantizable_nodes(fp32, components)
