@@ -4,7 +4,7 @@
   channel and uint8 activations around every convolution, the activation ranges calibrated (MinMax) on LR
   crops of the *training* photos (never the validation ones the budget scores). ONNX Runtime fuses each
   DequantizeLinear -> Conv -> QuantizeLinear into an integer convolution when the session loads.
-- transformer: dynamic int8 for its linear layers (`quantize_dynamic` on the MatMul/Gemm nodes whose second
+- transformer: dynamic int8 for its linear layers (`quantize_dynamic` on the MatMul nodes whose second
   input is a weight): int8 weights, activation scales computed per call, no calibration.
 - never quantized: the bicubic upsample (an exact interpolation; quantized alone it cost the built-in student
   7 dB of end-to-end parity and ran slower), the transformer's patch-embedding convolution, and matmuls
@@ -31,7 +31,9 @@ import torch
 SCOPE_COMPONENTS = {"encoder": "vae_encoder", "decoder": "vae_decoder", "transformer": "transformer"}
 INT8_COMPONENTS = ("vae_decoder", "vae_encoder", "transformer")  # trial order: the decoder costs the most time
 STATIC_OPS = {"vae_encoder": ("Conv",), "vae_decoder": ("Conv",)}
-DYNAMIC_OPS = {"transformer": ("MatMul", "Gemm")}
+# MatMul only: ORT's dynamic quantizer has no integer Gemm (the 2-D linear layers of the conditioning, which
+# pre-caching folds away in a pruned student, stay fp32)
+DYNAMIC_OPS = {"transformer": ("MatMul",)}
 DEFAULT_CALIBRATION_IMAGES = 8
 CALIBRATION_HR_SIZE = 256  # LR crops of 64 x 64
 CALIBRATION_SEED = 0
@@ -117,7 +119,7 @@ def quantize_graph(fp32: Path, output: Path, components, calibration: list[torch
             current = target
         if dynamic:
             target = scratch / "dynamic.onnx"
-            quantize_dynamic(str(current), str(target), op_types_to_quantize=["MatMul", "Gemm"],
+            quantize_dynamic(str(current), str(target), op_types_to_quantize=["MatMul"],
                              nodes_to_quantize=dynamic, weight_type=QuantType.QInt8,
                              use_external_data_format=external_data)
             current = target

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,8 @@ QUICK_TINY = ["--model", "preset:tiny", "--quick", "--targets", "1.0,0.5", "--ru
 
 def test_quick_sweep_writes_every_file_and_column_and_resumes_without_redoing_finished_work(tmp_path, monkeypatch,
                                                                                            capsys):
-    out = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path)
+    out = Path("sweep")  # relative, as users type it (ORT's quantization tools run in another folder)
     real_export = tradeoff.Sweep.export
 
     def export_then_stop(self, target, runtime, student):  # Ctrl-C in the middle of the second target's exports
