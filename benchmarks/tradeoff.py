@@ -7,8 +7,10 @@ the budget's int8 parity floor) and `export coreml` (fp16, spec-checked; Core ML
 target then gets its parameters, MACs, artifact bytes and every offline quality metric on the validation
 photos (and on `--data HR_FOLDER`), and each row is checked against the default quality budget (against the
 uncompressed student) and, for artifacts, against export's gate (against the student it was exported from).
-Latency is measured last for all targets and runtimes together, in interleaved rounds (warm-up round not
-counted; median, min and max), at every `--sizes` LR side with 4x output, so every ratio is of one run.
+Latency is measured last, at every `--sizes` LR side with 4x output: each target's runtimes in interleaved
+rounds together with the uncompressed PyTorch student (warm-up round not counted; median, min and max), so
+every speed-up is a ratio within the same rounds of one run, with one target's ONNX Runtime sessions in memory
+at a time.
 
     python -m benchmarks.tradeoff -o runs/tradeoff                # default: 5 targets, ~50 min on 2 cores
     python -m benchmarks.tradeoff --quick -o runs/tradeoff-quick  # 1.0 and 0.2, short recovery, one round
@@ -371,37 +373,51 @@ def timing_input(size: int):
 
 
 def measure_latency(sweep: Sweep, records: dict[float, dict]) -> dict:
-    """Median/min/max ms per (target, runtime, size), all in interleaved rounds of this one process."""
+    """Median/min/max ms per (target, runtime, size) in one process. Each target is timed in its own block of
+    interleaved rounds together with the uncompressed PyTorch student, and its speed-ups are against that
+    block's baseline: one ONNX Runtime session keeps a memory arena as large as its biggest run (about 2.5 GB
+    at 256 -> 1024 on the built-in student), so ten sessions held at once took the first default sweep to a
+    24 GB peak; one target's sessions at a time bound it."""
+    import gc
+
     import torch
 
     from compress.runtime.onnx import open_session
 
     args = sweep.args
     threads = torch.get_num_threads()
-    runners = {}
-    for target in args.targets:
-        student = sweep.student(target)
-        runners[(label(target), "torch")] = lambda x, s=student: s(x)
-        for runtime in ("onnx", "onnx-int8"):
-            if runtime in args.runtimes and "error" not in records[target]["runtimes"].get(runtime, {"error": 1}):
-                session = open_session(sweep.folder(target) / runtime / "end_to_end.onnx", threads)
-                runners[(label(target), runtime)] = lambda x, s=session: s.run(None, {"lr": x.numpy()})[0]
-    result = {"threads": threads, "repeats": args.repeats, "warmup_rounds": 1, "ms": {}}
+    baseline = sweep.student(1.0)
+    result = {"threads": threads, "repeats": args.repeats, "warmup_rounds": 1, "ms": {}, "baseline_ms": {},
+              "design": "per target: interleaved rounds of its runtimes and the uncompressed PyTorch student"}
     for size in args.sizes:
         lr = timing_input(size)
-        times = {key: [] for key in runners}
-        for round_ in range(args.repeats + 1):  # round 0 warms every runner up and is not counted
-            log(f"latency {size} -> {size * 4}: round {round_ + 1}/{args.repeats + 1}"
-                + (" (warm-up)" if round_ == 0 else ""))
-            for key, run in runners.items():
-                with torch.no_grad():
-                    started = time.perf_counter()
-                    run(lr)
-                    times[key].append((time.perf_counter() - started) * 1000)
-        for (target, runtime), values in times.items():
-            counted = values[1:]
-            result["ms"].setdefault(target, {}).setdefault(runtime, {})[str(size)] = {
-                "median": statistics.median(counted), "min": min(counted), "max": max(counted), "all": counted}
+        for target in args.targets:
+            student = baseline if target == 1.0 else sweep.student(target)
+            runners = {"baseline": lambda x: baseline(x)} if target != 1.0 else {}
+            runners["torch"] = lambda x, s=student: s(x)
+            for runtime in ("onnx", "onnx-int8"):
+                if runtime in args.runtimes and "error" not in records[target]["runtimes"].get(runtime, {"error": 1}):
+                    session = open_session(sweep.folder(target) / runtime / "end_to_end.onnx", threads)
+                    runners[runtime] = lambda x, s=session: s.run(None, {"lr": x.numpy()})[0]
+            times = {key: [] for key in runners}
+            for round_ in range(args.repeats + 1):  # round 0 warms every runner up and is not counted
+                log(f"latency {size} -> {size * 4}, target {label(target)}: round {round_ + 1}/{args.repeats + 1}"
+                    + (" (warm-up)" if round_ == 0 else ""))
+                for key, run in runners.items():
+                    with torch.no_grad():
+                        started = time.perf_counter()
+                        run(lr)
+                        times[key].append((time.perf_counter() - started) * 1000)
+            for runtime, values in times.items():
+                counted = values[1:]
+                summary = {"median": statistics.median(counted), "min": min(counted), "max": max(counted),
+                           "all": counted}
+                if runtime == "baseline" or (target == 1.0 and runtime == "torch"):
+                    result["baseline_ms"].setdefault(label(target), {})[str(size)] = summary["median"]
+                if runtime != "baseline":
+                    result["ms"].setdefault(label(target), {}).setdefault(runtime, {})[str(size)] = summary
+            del runners, times
+            gc.collect()  # the block's sessions and their arenas go before the next target's
     if "coreml" in args.runtimes:
         result["coreml"] = ("skipped: Core ML runs only on macOS" if platform.system() != "Darwin" else
                             "not measured by this sweep yet: `python -m export validate` times a package on macOS")
@@ -416,7 +432,7 @@ def rows_of(sweep: Sweep, records: dict[float, dict], latency: dict) -> tuple[li
     budget = load_budget(None)
     reference = records[1.0]["runtimes"]["torch"]["quality"]
     bicubic = reference.get("bicubic_vs_hr", {})
-    base_ms = {s: latency["ms"][label(1.0)]["torch"][str(s)]["median"] for s in args.sizes}
+    base_ms = {s: latency["baseline_ms"][label(1.0)][str(s)] for s in args.sizes}
     rows = []
     for target in args.targets:
         record = records[target]
@@ -430,7 +446,8 @@ def rows_of(sweep: Sweep, records: dict[float, dict], latency: dict) -> tuple[li
                 ms = latency["ms"].get(label(target), {}).get(runtime, {}).get(str(s))
                 row[f"latency_ms_{s}"] = ms["median"] if ms else None
                 row[f"latency_spread_ms_{s}"] = f"{ms['min']:.0f}-{ms['max']:.0f}" if ms else ""
-                row[f"speedup_{s}"] = base_ms[s] / ms["median"] if ms else None
+                # against the uncompressed PyTorch student timed in the same block (measure_latency)
+                row[f"speedup_{s}"] = latency["baseline_ms"][label(target)][str(s)] / ms["median"] if ms else None
             measured = entry.get("quality") or {}
             scores = measured.get("student_vs_hr", {})
             for metric in QUALITY_COLUMNS:
@@ -506,7 +523,8 @@ def write_outputs(sweep: Sweep, records, latency, rows, refs, started: float, ar
     base_times = ", ".join(f"{refs['base_ms'][s]:.0f} ms at {s}" for s in args.sizes)
     lines += ["", f"Bicubic: PSNR-Y {fmt(bic.get('psnr'), '.2f')}, ST-LPIPS {fmt(bic.get('stlpips'), '.4f')}, NIQE "
               f"{fmt(bic.get('niqe'), '.2f')}. Speed-ups (x) are against the uncompressed student in PyTorch at the same "
-              f"size in this run ({base_times}).",
+              f"size, timed in the same interleaved rounds as each target ({base_times} in the uncompressed student's own "
+              "rounds; tradeoff.json has every block's baseline).",
               "", "Budget failures, in full:", ""]
     lines += [f"- {r['target']:g} {r['runtime']}: {r['budget']}" for r in rows if r["budget"].startswith("failed")] or ["- none"]
     gate_failures = [f"- {label(t)} {runtime}: " + "; ".join(entry.get("gate_failed") or [entry.get("error", "")])
