@@ -11,6 +11,7 @@ the same run. What builds shipped artifacts lives in scripts/ instead.
     prune_depth         depth-pruning methods side by side after the same recovery
     prune_fullscale     transformer compression steps on the SD3-medium geometry: parameters, time, memory
     export_onnx         ONNX Runtime vs PyTorch latency of one student; the SD3-medium geometry exported to ONNX
+    tradeoff            the speed/quality sweep over parameter targets and runtimes (docs/tradeoff/)
 """
 
 from __future__ import annotations
