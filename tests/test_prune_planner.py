@@ -180,6 +180,7 @@ def test_a_run_outside_the_budget_exits_3_and_still_writes_the_model(tmp_path, c
     assert (out / "model" / "student_config.json").is_file()
 
 
+@pytest.mark.slow  # 34 s: moved out of the default suite (12-minute limit) when the trade-off sweep's tests came in
 def test_a_killed_recovery_resumes_to_the_same_weights(tmp_path):
     """SIGKILL (no handler runs) once the recovery's step-2 checkpoint is complete: no output folder appears,
     and `--resume` finishes with the weights and loss curve of an uninterrupted run."""
