@@ -78,7 +78,7 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
                 calibration_images: int = 8) -> dict:
     """Write the ONNX artifact OUT (end-to-end graph, and the components with `components`), validated."""
     from export.graphs import with_precisions
-    from export.onnx import EXTERNAL_DATA_BYTES, FP16_TRIAL_ORDER, run_onnx, save_optimized, trace_to_onnx
+    from export.onnx import EXTERNAL_DATA_BYTES, FP16_TRIAL_ORDER, save_optimized, trace_to_onnx
 
     budget = load_budget(budget_path, EXPORT_BUDGET_NAME)
     output = Path(output)
@@ -99,11 +99,7 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
                 log(f"fp16 trial {name}: tracing it in fp16 ...")
                 spec = graph_specs(with_precisions(student, {name: "fp16"}), (name,))[0]
                 candidate = trace_to_onnx(spec, scratch / f"trial-{name}", opset)
-                worst = math.inf
-                outputs = run_onnx(candidate, [stages[name][0] for stages in photos])
-                for output, stages in zip(outputs, photos):
-                    result = parity_psnr(output, stages[name][1].numpy(), PEAKS.get(spec.output_name))
-                    worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
+                worst = worst_parity(candidate, photos, name, PEAKS.get(spec.output_name))
                 keep = worst >= floor
                 fp16_trials[name] = {"fp16_psnr_db": worst if math.isfinite(worst) else None,
                                      "finite": worst != -math.inf, "floor_db": floor,
@@ -138,7 +134,7 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
                 log(f"export [{index}/{len(shipped)}] int8: {', '.join(quantized)} ...")
                 files = [f"{name}.onnx"]
                 external = folder_bytes(raw) > EXTERNAL_DATA_BYTES
-                inputs = [stage_inputs(student, lr)[name][0] for lr in calibration]
+                inputs = [stages[name][0] for stages in calibration]
                 quantize_graph(raw, tmp / files[0], quantized, inputs, external_data=external)
                 files += [files[0] + ".data"] if external else []
             else:
@@ -167,14 +163,27 @@ def export_onnx(student: OneStepSR, output: Path, *, model_arg: str | None, desc
     return report
 
 
+def worst_parity(candidate: Path, photos: list[dict], name: str, peak: float | None) -> float:
+    """The lowest PSNR (dB) of graph `name` at `candidate` against PyTorch over the photos' stage inputs
+    (export.parity.stage_inputs); -inf when an output is not finite."""
+    from export.onnx import run_onnx
+
+    worst = math.inf
+    for output, stages in zip(run_onnx(candidate, [stages[name][0] for stages in photos]), photos):
+        result = parity_psnr(output, stages[name][1].numpy(), peak)
+        worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
+    return worst
+
+
 def int8_trial(student: OneStepSR, scratch: Path, budget: dict, parity_sizes, opset: int, calibration_images: int):
     """Each quantizable component's own graph quantized alone and compared with PyTorch on the parity photos
-    (export.quantize): ({component: trial record}, the components that stay int8, the calibration LR crops)."""
+    (export.quantize): ({component: trial record}, the components that stay int8, the calibration crops'
+    stage inputs (export.parity.stage_inputs), which calibrate the shipped graphs too)."""
     from export.onnx import run_onnx, trace_to_onnx
     from export.quantize import INT8_COMPONENTS, calibration_lr, quantize_graph
 
     floor = budget["parity"].get("int8", 35.0)
-    calibration = calibration_lr(calibration_images)
+    calibration = [stage_inputs(student, lr) for lr in calibration_lr(calibration_images)]  # every graph's inputs
     photos = [stage_inputs(student, lr) for _, lr in parity_photos(parity_sizes)]
     trials, kept = {}, []
     for name in INT8_COMPONENTS:
@@ -182,11 +191,8 @@ def int8_trial(student: OneStepSR, scratch: Path, budget: dict, parity_sizes, op
         spec = graph_specs(student, (name,))[0]
         raw = trace_to_onnx(spec, scratch / f"trial-{name}", opset)
         candidate = scratch / f"trial-{name}" / "int8.onnx"
-        counts = quantize_graph(raw, candidate, (name,), [stage_inputs(student, lr)[name][0] for lr in calibration])
-        worst = math.inf
-        for output, stages in zip(run_onnx(candidate, [stages[name][0] for stages in photos]), photos):
-            result = parity_psnr(output, stages[name][1].numpy(), PEAKS.get(spec.output_name))
-            worst = min(worst, result["psnr_db"] if result["finite"] else -math.inf)
+        counts = quantize_graph(raw, candidate, (name,), [stages[name][0] for stages in calibration])
+        worst = worst_parity(candidate, photos, name, PEAKS.get(spec.output_name))
         shutil.rmtree(raw.parent)
         keep = worst >= floor
         trials[name] = {"int8_psnr_db": worst if math.isfinite(worst) else None, "finite": worst != -math.inf,
@@ -199,10 +205,10 @@ def int8_trial(student: OneStepSR, scratch: Path, budget: dict, parity_sizes, op
     if kept:
         spec = graph_specs(student, ("end_to_end",))[0]
         raw = trace_to_onnx(spec, scratch / "trial-end_to_end", opset)
-        padded = [student.pad_lr(lr) for _, lr in parity_photos(parity_sizes)]
+        padded = [student.pad_lr(stages["end_to_end"][0]) for stages in photos]
         with torch.no_grad():
             references = [student(lr).numpy() for lr in padded]
-        inputs = [student.pad_lr(lr) for lr in calibration]
+        inputs = [student.pad_lr(stages["end_to_end"][0]) for stages in calibration]
         while kept:
             candidate = scratch / "trial-end_to_end" / "int8.onnx"
             quantize_graph(raw, candidate, kept, inputs)
