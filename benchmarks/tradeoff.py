@@ -301,6 +301,11 @@ def targets_to_prune(sweep: Sweep) -> list[float]:
             and not sweep.read_measure(t).get("complete")]
 
 
+def exported(record: dict, runtime: str, args: TradeoffArgs) -> bool:
+    """Whether this sweep asked for `runtime` and the target's artifact of it was written."""
+    return runtime in args.runtimes and runtime in record["runtimes"] and "error" not in record["runtimes"][runtime]
+
+
 def run_targets(sweep: Sweep, progress: Progress) -> dict[float, dict]:
     import torch
 
@@ -352,7 +357,7 @@ def run_targets(sweep: Sweep, progress: Progress) -> dict[float, dict]:
 
             record["data_quality"] = {"torch": sweep.data_quality(student)}
             for runtime in ("onnx", "onnx-int8"):
-                if runtime in args.runtimes and "error" not in record["runtimes"].get(runtime, {"error": 1}):
+                if exported(record, runtime, args):
                     record["data_quality"][runtime] = sweep.data_quality(OnnxStudent(sweep.folder(target) / runtime))
         record["complete"] = True
         sweep.write_measure(target, record)
@@ -396,7 +401,7 @@ def measure_latency(sweep: Sweep, records: dict[float, dict]) -> dict:
             runners = {"baseline": lambda x: baseline(x)} if target != 1.0 else {}
             runners["torch"] = lambda x, s=student: s(x)
             for runtime in ("onnx", "onnx-int8"):
-                if runtime in args.runtimes and "error" not in records[target]["runtimes"].get(runtime, {"error": 1}):
+                if exported(records[target], runtime, args):
                     session = open_session(sweep.folder(target) / runtime / "end_to_end.onnx", threads)
                     runners[runtime] = lambda x, s=session: s.run(None, {"lr": x.numpy()})[0]
             times = {key: [] for key in runners}
