@@ -13,7 +13,7 @@ every speed-up is a ratio within the same rounds of one run, with one target's O
 at a time.
 
     python -m benchmarks.tradeoff -o runs/tradeoff                # default: 5 targets, ~50 min on 2 cores
-    python -m benchmarks.tradeoff --quick -o runs/tradeoff-quick  # 1.0 and 0.2, short recovery, one round
+    python -m benchmarks.tradeoff --quick -o runs/tradeoff-quick  # 1.0 and 0.2, short recovery, one round at 128 only
     python -m benchmarks.tradeoff --runtimes torch,onnx --data my_photos/ -o runs/tradeoff-mine
 
 It resumes: rerun the same command and finished targets (their pruned student, artifacts and measurements,
@@ -41,6 +41,7 @@ QUICK_TARGETS = (1.0, 0.2)
 DEFAULT_RECOVER_STEPS = 100  # what fits the default sweep in 60 minutes here; `compress prune` defaults to 300
 QUICK_RECOVER_STEPS = 20
 DEFAULT_REPEATS, QUICK_REPEATS = 3, 1
+DEFAULT_SIZES, QUICK_SIZES = (128, 256), (128,)  # --quick skips 256 -> 1024: its rounds were a third of 10 minutes
 QUALITY_COLUMNS = ("psnr", "ssim", "stlpips", "niqe")
 EXPORTS = ("onnx", "onnx-int8", "coreml")
 
@@ -70,11 +71,13 @@ class TradeoffArgs:
         "help": f"recovery steps of each prune (default {DEFAULT_RECOVER_STEPS}; --quick {QUICK_RECOVER_STEPS})"})
     runtimes: tuple[str, ...] = field(default=RUNTIMES, metadata={
         "parse": comma_separated, "metavar": "NAME[,NAME...]", "help": f"of {', '.join(RUNTIMES)}; torch is required"})
-    sizes: tuple[int, ...] = field(default=(128, 256), metadata={
-        "parse": parse_sizes, "metavar": "S[,S...]", "help": "LR sides of the latency measurement (x4 output)"})
+    sizes: tuple[int, ...] | None = field(default=None, metadata={
+        "parse": parse_sizes, "metavar": "S[,S...]",
+        "help": "LR sides of the latency measurement, x4 output (default 128,256; --quick 128)"})
     repeats: int | None = field(default=None, metadata={
         "help": f"timed rounds after the warm-up round (default {DEFAULT_REPEATS}; --quick {QUICK_REPEATS})"})
-    quick: bool = field(default=False, metadata={"help": "two targets, a short recovery, one timed round"})
+    quick: bool = field(default=False, metadata={
+        "help": "two targets, a short recovery, one timed round, latency at 128 -> 512 only"})
     data: Path | None = field(default=None, metadata={
         "metavar": "HR_FOLDER", "help": "also score every row on this folder of HR images (degraded as eval does)"})
     quality_images: int | None = field(default=None, metadata={
@@ -89,6 +92,7 @@ class TradeoffArgs:
         self.recover_steps = self.recover_steps if self.recover_steps is not None else (
             QUICK_RECOVER_STEPS if self.quick else DEFAULT_RECOVER_STEPS)
         self.repeats = self.repeats or (QUICK_REPEATS if self.quick else DEFAULT_REPEATS)
+        self.sizes = self.sizes or (QUICK_SIZES if self.quick else DEFAULT_SIZES)
         if any(not 0.0 < t <= 1.0 for t in self.targets):
             raise ValueError(f"--targets must be fractions in (0, 1], got {','.join(f'{t:g}' for t in self.targets)}")
         if 1.0 not in self.targets:

@@ -77,3 +77,11 @@ def test_bad_flags_are_one_line(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_quick_and_default_settings():
+    # --quick must fit 10 minutes on the built-in student: two targets, one round, 128 -> 512 only
+    quick, default = tradeoff.TradeoffArgs(quick=True), tradeoff.TradeoffArgs()
+    assert (quick.targets, quick.sizes, quick.repeats) == ((1.0, 0.2), (128,), 1)
+    assert (default.targets, default.sizes, default.repeats) == ((1.0, 0.5, 0.35, 0.2, 0.15), (128, 256), 3)
+    assert tradeoff.TradeoffArgs(quick=True, sizes=(64, 128)).sizes == (64, 128)  # an explicit flag wins
