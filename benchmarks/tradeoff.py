@@ -518,7 +518,7 @@ def write_outputs(sweep: Sweep, records, latency, rows, refs, started: float, ar
              "(PyTorch); export gate: the artifact against the student it was exported from.", "",
              "| target | params | runtime | precision | MB | " + " | ".join(
                  f"{s}->{4 * s} ms (x)" for s in args.sizes) + " | PSNR-Y | SSIM | ST-LPIPS | NIQE | budget | export gate |",
-             "| --- " * (10 + len(args.sizes)) + "|"]
+             "| --- " * (11 + len(args.sizes)) + "|"]
     for row in rows:
         speeds = " | ".join(
             (f"{row[f'latency_ms_{s}']:.0f} ({row[f'latency_spread_ms_{s}']}) {row[f'speedup_{s}']:.2f}x"

@@ -63,6 +63,9 @@ def test_quick_sweep_writes_every_file_and_column_and_resumes_without_redoing_fi
     assert payload["latency"]["repeats"] == 1 and payload["machine"]["cpu_cores_available"] >= 1
     report = (out / "report.md").read_text()
     assert "| 0.5 | " in report and "pareto.png" in report and "Machine:" in report
+    header = next(i for i, line in enumerate(report.splitlines()) if line.startswith("| target |"))
+    table = report.splitlines()[header:header + 3]  # header, separator, first row: one column count (else no table)
+    assert len({line.count("|") for line in table}) == 1, table
 
 
 @pytest.mark.parametrize("flags, message", [
