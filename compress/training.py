@@ -44,7 +44,8 @@ LOG_NAME = "log.csv"
 
 
 # ----------------------------------------------------------------------------------------------- accelerator
-def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no", device_placement: bool = True):
+def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no", device_placement: bool = True,
+                     log_with: list[str] | None = None, project_dir: Path | str | None = None):
     """An ``Accelerator`` for a training loop (``cpu=None``: CPU when CUDA is not available).
 
     ``device_placement=False`` leaves placing models and tensors to the loop (the reference stages take a
@@ -61,7 +62,8 @@ def make_accelerator(cpu: bool | None = None, mixed_precision: str = "no", devic
     if cpu is None:
         cpu = not torch.cuda.is_available()
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, device_placement=device_placement,
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False, log_with=log_with or None,
+                       project_dir=str(project_dir) if project_dir is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------- LR schedule

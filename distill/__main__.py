@@ -17,6 +17,8 @@ Examples:
   python -m distill train --preset reference-tsd --prior runs/reference --data /data/DIV2K_train_HR --out runs/div2k
   # or on pre-degraded pairs, matched by name (DIV2K's 0001x4.png matches 0001.png)
   python -m distill train --preset reference-tsd --prior runs/reference --pairs /data/DIV2K_train_LR_bicubic/X4 /data/DIV2K_train_HR --out runs/div2k-pairs
+  # with each image's own HQ prompt embeddings for the teacher and the fake score (TSD-SR's training)
+  python -m distill train --preset reference-tsd --prior runs/reference --data /data/DIV2K_train_HR --prompt-embeds /data/DIV2K_embeds --out runs/div2k
   # two processes, no code change (on a machine without GPUs, --multi_gpu runs 2 CPU processes over gloo)
   accelerate launch --multi_gpu --num_processes 2 -m distill train --preset reference-tsd --prior runs/reference --out runs/ddp
 """
@@ -53,6 +55,11 @@ class TrainArgs:
         "nargs": 2, "metavar": ("LR_DIR", "HR_DIR"),
         "help": "pre-degraded LR/HR pairs: two folder trees whose files match by name (an LR name may end in "
                 "x4, as DIV2K's do); HR must be 4x LR (overrides train.pairs)"})
+    prompt_embeds: str | None = field(default=None, metadata={
+        "metavar": "DIR", "help": "per-image HQ prompt embeddings for the teacher and the fake score, as TSD-SR "
+        "trains: DIR/NAME.safetensors (prompt_embeds, pool_embeds) or TSD-SR's DIR/prompt_embeds/NAME.pt + "
+        "DIR/pool_embeds/NAME.pt, NAME = each training image's file name without extension; without it they see "
+        "the fixed prompt (overrides train.prompt_embeds)"})
     steps: int | None = field(default=None, metadata={"help": "total steps of the schedule (overrides train.steps)"})
     max_steps: int | None = field(default=None, metadata={
         "help": "stop after this many steps (continue later with --resume)"})
@@ -81,7 +88,7 @@ class TrainArgs:
         overrides = dict(item.split("=", 1) for item in self.overrides)
         for flag, key in ((self.prior, "model.prior"), (self.student, "model.student_init"),
                           (self.teacher, "model.kd_teacher"), (self.steps, "train.steps"), (self.data, "train.data"),
-                          (self.pairs, "train.pairs")):
+                          (self.pairs, "train.pairs"), (self.prompt_embeds, "train.prompt_embeds")):
             if flag is not None:
                 overrides[key] = flag
         return RecipeConfig.from_yaml(self.preset, overrides)
@@ -95,6 +102,16 @@ def check_inputs(cfg: RecipeConfig, out: Path) -> None:
     check_output_folder(out, "--out")
     if cfg.model.prior:
         check_prior(cfg.model.prior)
+    if cfg.model.teacher_lora:
+        from compress.models.errors import ModelLoadError
+        from compress.models.layout import REFERENCE_DIR, prior_paths
+
+        root = REFERENCE_DIR if cfg.model.prior == "builtin" else cfg.model.prior
+        path = prior_paths(root).teacher_lora if cfg.model.teacher_lora == "release" else Path(cfg.model.teacher_lora)
+        if not path.is_file():
+            raise ModelLoadError(f"model.teacher_lora: {path} not found; TSD-SR's teacher LoRA is "
+                                 "checkpoint/teacher/teacher.safetensors of its release (a separate download linked "
+                                 "from the TSD-SR README); set model.teacher_lora=null to teach with the plain prior")
     if cfg.model.student_init not in ("lora", "builtin"):
         check_model_files(cfg.model.student_init, flag="--student")
     if cfg.loss.needs_kd_teacher:
@@ -122,7 +139,12 @@ def presets() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compress.cli import OneLineParser, add_dataclass_arguments, dataclass_from_namespace, run_command
+    from compress.cli import (
+        OneLineParser,
+        add_dataclass_arguments,
+        dataclass_from_namespace,
+        run_command,
+    )
 
     parser = OneLineParser(prog="python -m distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -98,6 +98,10 @@ class ModelSection:
                   a model spec (folder, release root, preset:NAME) -> that student, re-distilled.
     kd_teacher: model spec of the uncompressed student for knowledge distillation (None: not used;
                 "builtin": the shipped reference student).
+    teacher_lora: TSD-SR's teacher LoRA on the prior (its --use_teacher_lora): "release" (the prior root's
+                  checkpoint/teacher/teacher.safetensors), a .safetensors path, or None (the plain prior teaches).
+    The student's, the fake score's and the teacher's LoRAs are adapters on the prior's one frozen transformer,
+    switched per call (no copies of it).
     """
 
     prior: str | None = None
@@ -108,6 +112,7 @@ class ModelSection:
     trainable: str = "lora"  # lora | full (full: every transformer weight of a loaded student)
     kd_teacher: str | None = None
     discriminator_blocks: int = 2
+    teacher_lora: str | None = None
 
     def validate(self) -> None:
         for key in ("student_rank", "vae_rank", "fake_rank", "discriminator_blocks"):
@@ -117,6 +122,10 @@ class ModelSection:
             raise ConfigError(f"model.trainable must be lora or full, got {self.trainable!r}")
         if self.student_init == "lora" and not self.prior:
             raise ConfigError("model.student_init: lora needs model.prior (a prior folder with base/ and dataset/)")
+        if self.teacher_lora and not self.prior:
+            raise ConfigError("model.teacher_lora needs model.prior: the teacher LoRA is an adapter on the prior")
+        if self.teacher_lora and self.teacher_lora != "release" and not str(self.teacher_lora).endswith(".safetensors"):
+            raise ConfigError(f"model.teacher_lora must be release, a .safetensors file or null, got {self.teacher_lora!r}")
 
 
 @dataclass
@@ -172,6 +181,7 @@ class OptimSection:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | constant (after warm-up)
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes' 8-bit AdamW: a quarter of the state memory)
 
     def validate(self) -> None:
         for key in ("lr", "lr_fake", "lr_discriminator"):
@@ -183,6 +193,8 @@ class OptimSection:
             raise ConfigError(f"optim.schedule must be {' or '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.grad_clip <= 0:
             raise ConfigError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"optim.optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         self.betas = tuple(self.betas)  # YAML gives a list
 
 
@@ -193,6 +205,10 @@ class TrainSection:
     hr_size: int = 128  # HR crop side; LR = hr_size / 4
     data: str | None = None  # a folder of HR images (any depth); None: the bundled training photos
     pairs: list | None = None  # [LR_DIR, HR_DIR]: pre-degraded pairs matched by name (then no degradation is applied)
+    # per-image HQ prompt embeddings for teacher and fake score (compress.data.prompts: NAME.safetensors or TSD-SR's
+    # prompt_embeds/ + pool_embeds/); None: they see the fixed default prompt
+    prompt_embeds: str | None = None
+    num_workers: int = 0  # DataLoader worker processes building batches ahead (0: in the training process)
     degradation: str = "realesrgan"  # realesrgan | bicubic | mixed
     bicubic_fraction: float = 0.3  # share of bicubic-only pairs when degradation is mixed
     seed: int = 0
@@ -200,6 +216,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    log_with: list = field(default_factory=list)  # trackers besides log.csv: tensorboard and/or wandb (accelerate)
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0: no EMA; else the EMA weights are the ones saved
     save_half: bool = True  # store the final base weights in fp16 (release layout)
@@ -223,6 +240,14 @@ class TrainSection:
                     raise ConfigError(f"train.pairs: {folder} is not a folder")
             if self.data is not None:
                 raise ConfigError("train.data and train.pairs are two sources of training data; give one")
+        if self.prompt_embeds is not None and not Path(self.prompt_embeds).is_dir():
+            raise ConfigError(f"train.prompt_embeds: {self.prompt_embeds} is not a folder of per-image embeddings")
+        if isinstance(self.log_with, str):  # --set train.log_with=tensorboard
+            self.log_with = [self.log_with]
+        if not isinstance(self.log_with, list) or [t for t in self.log_with if t not in ("tensorboard", "wandb")]:
+            raise ConfigError(f"train.log_with must be a list of tensorboard and/or wandb, got {self.log_with!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if self.degradation not in ("realesrgan", "bicubic", "mixed"):
             raise ConfigError(f"train.degradation must be realesrgan, bicubic or mixed, got {self.degradation!r}")
         if not 0 <= self.bicubic_fraction <= 1:
@@ -253,6 +278,9 @@ class RecipeConfig:
         self.train.validate()
         if self.loss.needs_prior and not self.model.prior:
             raise ConfigError("loss.tsd / hf_score / adversarial need model.prior (the teacher score model)")
+        if self.train.prompt_embeds is not None and not (self.loss.tsd > 0 or self.loss.hf_score > 0):
+            raise ConfigError("train.prompt_embeds condition the teacher and the fake score; this recipe has neither "
+                              "(loss.tsd and loss.hf_score are 0): leave train.prompt_embeds unset")
         if self.loss.needs_kd_teacher and not self.model.kd_teacher:
             raise ConfigError("loss.kd_latent_l1 / kd_feature / hf_score need model.kd_teacher (a student to distil from)")
         return self

@@ -192,24 +192,32 @@ class ScoreModel(torch.nn.Module):
     ``forward(z_t, timesteps, cond)``: timesteps (B,) or a scalar for the batch, conditioning with batch 1 or B;
     both are cast to the latent's device and dtype. An ``nn.Module`` so that a trainable score model (TSD-SR's
     fake score) can go through ``accelerator.prepare`` (DDP) and a frozen one (the teacher) can be moved with
-    ``.to``. Which LoRA adapter is active is the caller's business (TSD-SR's ``train/train.py`` switches
-    ``set_adapter("default")`` / ``("reg")`` on one module for the teacher and the fake score).
+    ``.to``. ``adapters`` names the LoRA adapters active during the call (``()``: the base weights alone; None:
+    whatever is active): TSD-SR's ``train/train.py`` switches ``set_adapter("default")`` / ``("reg")`` on one
+    module for the teacher and the fake score, and the recipe shares one base transformer the same way.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, adapters: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.transformer = transformer
+        self.adapters = adapters
 
     def forward(self, z_t: Tensor, timesteps: Tensor | float, cond: Conditioning) -> Tensor:
+        from contextlib import nullcontext
+
+        from compress.models.lora import adapters_active
+
         batch = z_t.shape[0]
         cond = cond.expand(batch).to(device=z_t.device, dtype=z_t.dtype)
         timesteps = torch.as_tensor(timesteps, device=z_t.device, dtype=z_t.dtype)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch)
-        return self.transformer(
-            hidden_states=z_t,
-            timestep=timesteps,
-            encoder_hidden_states=cond.prompt_embeds,
-            pooled_projections=cond.pooled,
-            return_dict=False,
-        )[0]
+        switch = nullcontext() if self.adapters is None else adapters_active(self.transformer, self.adapters)
+        with switch:
+            return self.transformer(
+                hidden_states=z_t,
+                timestep=timesteps,
+                encoder_hidden_states=cond.prompt_embeds,
+                pooled_projections=cond.pooled,
+                return_dict=False,
+            )[0]

@@ -18,8 +18,11 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,15 +33,19 @@ from compress.data.photos import list_photos
 from compress.io import atomic_dir, atomic_path, write_json
 from compress.models.errors import ModelLoadError, TrainingDiverged
 from compress.models.hooks import block_outputs
+from compress.models.layout import prior_paths
 from compress.models.lora import (
     FAKE_SCORE_LORA_TARGETS,
     TRANSFORMER_LORA_TARGETS,
+    adapter_parameters,
+    adapters_active,
     add_lora,
     lora_disabled,
+    set_active_adapters,
     vae_encoder_lora_targets,
 )
 from compress.models.student import OneStepSR
-from distill.config import RecipeConfig
+from distill.config import ConfigError, RecipeConfig
 from distill.flow import Conditioning, FlowSchedule, ScoreModel
 from distill.losses import (
     fake_score_loss,
@@ -61,6 +68,9 @@ from distill.training import (
 )
 
 MODEL_DIR = "model"
+# The LoRA adapters on the prior's one transformer (TSD-SR's names: "default" student / teacher, "reg" fake score;
+# ours say which is which, and the release files are written without adapter names).
+STUDENT_ADAPTER, FAKE_ADAPTER, TEACHER_ADAPTER = "student", "fake_score", "teacher"
 LOG_COLUMNS = ("step", "seconds", "total", "lr", "perceptual", "latent_mse", "pixel_l1", "tsd", "kd_latent_l1",
                "kd_latent_mse", "kd_feature", "hf_score", "adversarial", "fake_score", "discriminator", "nonfinite")
 
@@ -77,12 +87,13 @@ class Prior:
     path: Path
 
 
-def load_prior(path: Path | str) -> Prior:
+def load_prior(path: Path | str, dtype: torch.dtype = torch.float32) -> Prior:
     """Load a prior folder: the TSD-SR release layout with the base inside (``compress.models.release.prior_paths``).
 
-    ``base/{transformer,vae}`` and ``dataset/default/{prompt,pool}_embeds.pt`` + ``dataset/null/...`` (the null
+    The SD3 base in ``base/`` or ``stable-diffusion-3-medium-diffusers/`` (the release loader's rule), and ``dataset/default/{prompt,pool}_embeds.pt`` + ``dataset/null/...`` (the null
     embeddings are CFG's unconditional branch). ``"builtin"`` is the shipped reference release; a reference
-    kit from ``scripts/train_reference.py`` (``OUT/kit``, or ``OUT`` itself) has this layout too.
+    kit from ``scripts/train_reference.py`` (``OUT/kit``, or ``OUT`` itself) has this layout too. The networks are
+    loaded frozen in `dtype` (a half type under mixed precision: the SD3 base is most of a run's memory).
     """
     from compress.models.checks import load_diffusers_model
     from compress.models.release import load_embedding, prior_paths
@@ -94,9 +105,10 @@ def load_prior(path: Path | str) -> Prior:
     layout = prior_paths(path)
     if not layout.base.is_dir():
         raise ModelLoadError(
-            f"prior folder {layout.root} has no base/ (transformer/, vae/); create it with "
-            f"`python scripts/train_reference.py --out {layout.root} --stage prior` or point model.prior at a "
-            "TSD-SR release root with the SD3 base in base/"
+            f"prior folder {layout.root} has no SD3 base (looked for "
+            f"{' and '.join(str(p) for p in layout.looked_for_base)}, each a diffusers folder with transformer/ and "
+            f"vae/); create one with `python scripts/train_reference.py --out {layout.root} --stage prior` or point "
+            "model.prior at a TSD-SR release root with stabilityai/stable-diffusion-3-medium-diffusers copied in"
         )
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
@@ -106,16 +118,16 @@ def load_prior(path: Path | str) -> Prior:
             f"prior {layout.root}: missing embedding file(s) {', '.join(missing)}; a prior folder needs "
             "dataset/default/ and dataset/null/ (TSD-SR release layout; scripts/train_reference.py --stage prior writes them)"
         )
-    transformer = load_diffusers_model(SD3Transformer2DModel, layout.transformer)
-    vae = load_diffusers_model(AutoencoderKL, layout.vae)
+    transformer = load_diffusers_model(SD3Transformer2DModel, layout.transformer, dtype)
+    vae = load_diffusers_model(AutoencoderKL, layout.vae, dtype)
     width, pooled_width = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
     tensors = {
         name: load_embedding(file, f"prior {name}", pooled_width if "pool" in name else width, "pool" not in name)
         for name, file in layout.embeddings.items()
     }
     return Prior(
-        transformer.float().eval().requires_grad_(False),
-        vae.float().eval().requires_grad_(False),
+        transformer.eval().requires_grad_(False),
+        vae.eval().requires_grad_(False),
         Conditioning(tensors["prompt_embeds"], tensors["pool_embeds"]),
         Conditioning(tensors["null_prompt_embeds"], tensors["null_pool_embeds"]),
         layout.root,
@@ -130,15 +142,19 @@ class StudentForTraining(nn.Module):
     LoRA switched off, so no second copy of the VAE is kept.
     """
 
-    def __init__(self, student: OneStepSR, collect_features: bool = False):
+    def __init__(self, student: OneStepSR, collect_features: bool = False, adapters: tuple[str, ...] | None = None):
         super().__init__()
         self.student = student
         self.collect_features = collect_features
+        self.adapters = adapters  # the student's adapters on a transformer it shares (None: its own network)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor | list]:
+        from contextlib import nullcontext
+
         student = self.student
         latent_lr = student.encode(student.preprocess(lr))
-        with block_outputs(student.transformer, enabled=self.collect_features) as features:
+        switch = nullcontext() if self.adapters is None else adapters_active(student.transformer, self.adapters)
+        with switch, block_outputs(student.transformer, enabled=self.collect_features) as features:
             latent = student.restore_latent(latent_lr)
         decoded = student.decode(latent)
         with torch.no_grad(), lora_disabled(student.vae):
@@ -147,10 +163,26 @@ class StudentForTraining(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- data
-class PairBatches:
-    """Batch of step s for process r: items (s * world + r) * batch ... of deterministic pair datasets."""
+class Batch(NamedTuple):
+    lr: torch.Tensor
+    hr: torch.Tensor
+    names: list[str]  # the training image of each item
+    prompt: tuple[torch.Tensor, torch.Tensor] | None  # its HQ prompt embeddings (B, L, D), (B, P), if given
 
-    def __init__(self, cfg: RecipeConfig, world: int, rank: int):
+
+def _as_is(batch: Batch) -> Batch:  # DataLoader's collate: a batch is already built
+    return batch
+
+
+class PairBatches:
+    """Batch of step s for process r: items (s * world + r) * batch ... of deterministic pair datasets.
+
+    Item i draws its image, crop and degradation from a generator seeded by (seed, i) (`compress.data.pairs`), so
+    every rank reads its own items, and the same ones after a resume, whichever worker builds them.
+    `start(first, last)` builds the batches of those steps ahead in `train.num_workers` DataLoader workers.
+    """
+
+    def __init__(self, cfg: RecipeConfig, world: int, rank: int, prompt_shape=None):
         train = cfg.train
         length = 2**31 - 1
         if train.data is None and train.pairs is None:
@@ -158,12 +190,14 @@ class PairBatches:
             self.realistic = SRPairDataset(photos, train.hr_size, "realesrgan", seed=train.seed, length=length)
             self.bicubic = SRPairDataset(photos, train.hr_size, "bicubic", seed=train.seed, length=length)
             self.summary = f"data: the {len(photos)} bundled training photos"
+            names = [photo.name for photo in photos]
         elif train.pairs is not None:  # pre-degraded pairs: the same pairs whatever train.degradation says
             from compress.data.folder import PairedFolderDataset, scan_pair_folders
 
             scan = scan_pair_folders(train.pairs[0], train.pairs[1], train.hr_size)
             self.realistic = self.bicubic = PairedFolderDataset(scan, train.hr_size, seed=train.seed, length=length)
             self.summary = scan.summary(train.hr_size)
+            names = [hr.stem for _, hr in scan.pairs]
         else:  # a user's folder: checked once, decoded lazily
             from compress.data.folder import FolderPairDataset, scan_hr_folder
 
@@ -171,7 +205,25 @@ class PairBatches:
             self.realistic = FolderPairDataset(scan, train.hr_size, "realesrgan", seed=train.seed, length=length)
             self.bicubic = FolderPairDataset(scan, train.hr_size, "bicubic", seed=train.seed, length=length)
             self.summary = scan.summary(train.hr_size)
+            names = [path.stem for path in scan.images]
+        self.prompts = None
+        if train.prompt_embeds is not None:
+            from compress.data.prompts import PromptEmbeddings
+
+            self.prompts = PromptEmbeddings(train.prompt_embeds, names, prompt_shape)
+            self.summary += f"; per-image prompt embeddings from {train.prompt_embeds}"
         self.train, self.world, self.rank = train, world, rank
+        self._loader, self._next = None, None
+        # item numbering: from step first_step on, all processes together take world * batch items a step; a
+        # resume under another number of processes rebases it, so no item is drawn twice or skipped
+        self.first_step, self.first_item = 0, 0
+
+    def items_before(self, step: int) -> int:
+        """Items all processes have drawn before `step` (stored in checkpoints)."""
+        return self.first_item + (step - self.first_step) * self.world * self.train.batch_size
+
+    def rebase(self, step: int, items: int) -> None:
+        self.first_step, self.first_item = step, items
 
     def _source(self, item: int) -> SRPairDataset:
         if self.train.degradation == "realesrgan":
@@ -181,10 +233,61 @@ class PairBatches:
         # mixed: a fixed hash of the item decides, so resume and other processes agree
         return self.bicubic if (item * 2654435761 % 2**32) / 2**32 < self.train.bicubic_fraction else self.realistic
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        first = (step * self.world + self.rank) * self.train.batch_size
+    def __len__(self) -> int:  # steps, for DataLoader
+        return 2**31 - 1
+
+    def __getitem__(self, step: int) -> Batch:
+        first = self.items_before(step) + self.rank * self.train.batch_size
         items = [self._source(i)[i] for i in range(first, first + self.train.batch_size)]
-        return torch.stack([x["lr"] for x in items]), torch.stack([x["hr"] for x in items])
+        names = [x["name"] for x in items]
+        prompt = self.prompts.batch(names) if self.prompts is not None else None
+        return Batch(torch.stack([x["lr"] for x in items]), torch.stack([x["hr"] for x in items]), names, prompt)
+
+    def start(self, first: int, last: int) -> None:
+        """Build the batches of steps first..last-1 ahead, in `train.num_workers` worker processes (0: none)."""
+        if self.train.num_workers < 1 or first >= last:
+            return
+        from torch.utils.data import DataLoader
+
+        self._loader = iter(DataLoader(self, batch_size=None, sampler=range(first, last), collate_fn=_as_is,
+                                       num_workers=self.train.num_workers, prefetch_factor=2))
+        self._next = first
+
+    def __call__(self, step: int) -> Batch:
+        if self._loader is not None and step == self._next:
+            self._next += 1
+            return next(self._loader)
+        return self[step]
+
+
+def make_adamw(params: list[nn.Parameter], lr: float, optim) -> torch.optim.Optimizer:
+    """AdamW with the recipe's settings; ``optim.optimizer: adamw8bit`` is bitsandbytes' 8-bit AdamW (its states
+    take 2 bytes a parameter instead of 8), for full-size runs where optimiser memory counts."""
+    settings = dict(lr=lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(params, **settings)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError("optim.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes), which is not "
+                          "installed here; use optim.optimizer=adamw") from None
+    return bitsandbytes.optim.AdamW8bit(params, **settings)
+
+
+@contextmanager
+def only_trainable(module: nn.Module, trainable: list[nn.Parameter]) -> Iterator[None]:
+    """Inside the block only `trainable` require grad in `module`: DDP (``accelerator.prepare``) registers the
+    parameters that require grad when it wraps, and the student and the fake score share one transformer whose
+    adapters belong to different optimisers. The flags are put back afterwards."""
+    keep = {id(p) for p in trainable}
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(id(param) in keep)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def step_generator(seed: int, step: int, rank: int, stream: int) -> torch.Generator:
@@ -222,15 +325,48 @@ class DistillRecipe:
 
         cfg = self.cfg
         set_seed(cfg.train.seed)  # LoRA initialisation (gaussian A) must be the same in every run and process
-        self.prior = load_prior(cfg.model.prior) if cfg.model.prior else None
+        # Under mixed precision the frozen prior (base, VAE, teacher LoRA) is stored in the half type and the
+        # trainable adapters in float32, as TSD-SR does; autocast runs the arithmetic in half either way.
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.train.mixed_precision, torch.float32)
+        self.prior = load_prior(cfg.model.prior, half) if cfg.model.prior else None
+        # Every adapter (student, fake score, teacher) lives on the prior's one frozen transformer and is switched
+        # on per call, as TSD-SR's train/train.py does for teacher and fake score; nothing is copied.
+        base = self.prior.transformer if self.prior is not None else None
+        self.teacher_adapters: tuple[str, ...] = ()
+        if cfg.model.teacher_lora:
+            from compress.models.lora import load_lora_file
+
+            path = prior_paths(self.prior.path).teacher_lora if cfg.model.teacher_lora == "release" \
+                else Path(cfg.model.teacher_lora)
+            if not path.is_file():
+                raise ModelLoadError(
+                    f"model.teacher_lora: {path} not found; TSD-SR's teacher LoRA is checkpoint/teacher/teacher.safetensors "
+                    "of its release (a separate download linked from the TSD-SR README); set model.teacher_lora: null "
+                    "to use the plain SD3 prior as the teacher"
+                )
+            load_lora_file(base, path, TRANSFORMER_LORA_TARGETS, "teacher LoRA", adapter_name=TEACHER_ADAPTER)
+            for p in adapter_parameters(base, TEACHER_ADAPTER):
+                p.requires_grad_(False)
+            self.teacher_adapters = (TEACHER_ADAPTER,)
+            set_active_adapters(base, self.teacher_adapters)
+
+        self.discriminator = None
+        if cfg.loss.adversarial > 0:  # TAD-SR's D copies the teacher's first blocks: before other adapters join
+            from distill.tadsr import TimeAwareDiscriminator
+
+            self.discriminator = TimeAwareDiscriminator(base, num_blocks=cfg.model.discriminator_blocks)
+            self.d_trainable = self.discriminator.trainable_parameters()
+
+        self.student_adapters: tuple[str, ...] | None = None  # None: the student is its own network
         if cfg.model.student_init == "lora":
-            transformer = copy.deepcopy(self.prior.transformer)
-            vae = copy.deepcopy(self.prior.vae)
-            add_lora(transformer, cfg.model.student_rank, TRANSFORMER_LORA_TARGETS)
+            vae = self.prior.vae
+            add_lora(base, cfg.model.student_rank, TRANSFORMER_LORA_TARGETS, adapter_name=STUDENT_ADAPTER)
             add_lora(vae, cfg.model.vae_rank, vae_encoder_lora_targets(vae))
-            student = OneStepSR(transformer, vae, self.prior.cond.prompt_embeds, self.prior.cond.pooled)
-            for name, p in student.named_parameters():
-                p.requires_grad_("lora_" in name)
+            student = OneStepSR(base, vae, self.prior.cond.prompt_embeds, self.prior.cond.pooled)
+            student.requires_grad_(False)
+            for p in (*adapter_parameters(base, STUDENT_ADAPTER), *adapter_parameters(vae, "default")):
+                p.requires_grad_(True)
+            self.student_adapters = (STUDENT_ADAPTER,)
         else:
             student = load_model(None if cfg.model.student_init == "builtin" else cfg.model.student_init).model
             student = student.float().train()
@@ -245,7 +381,8 @@ class DistillRecipe:
         if cfg.train.gradient_checkpointing and hasattr(student.transformer, "enable_gradient_checkpointing"):
             student.transformer.enable_gradient_checkpointing()
         self.student = student
-        self.trainee = StudentForTraining(student, collect_features=cfg.loss.kd_feature > 0)
+        self.trainee = StudentForTraining(student, collect_features=cfg.loss.kd_feature > 0,
+                                          adapters=self.student_adapters)
 
         self.kd_teacher = None
         if cfg.loss.needs_kd_teacher:
@@ -254,19 +391,16 @@ class DistillRecipe:
 
         self.fake = None
         if cfg.loss.tsd > 0:
-            fake_transformer = copy.deepcopy(self.prior.transformer)
-            add_lora(fake_transformer, cfg.model.fake_rank, FAKE_SCORE_LORA_TARGETS)
-            for name, p in fake_transformer.named_parameters():
-                p.requires_grad_("lora_" in name)
-            self.fake = ScoreModel(fake_transformer)
-        self.teacher_score = ScoreModel(self.prior.transformer) if self.prior is not None else None
-
-        self.discriminator = None
-        if cfg.loss.adversarial > 0:
-            from distill.tadsr import TimeAwareDiscriminator
-
-            self.discriminator = TimeAwareDiscriminator(self.prior.transformer, num_blocks=cfg.model.discriminator_blocks)
-            self.d_trainable = self.discriminator.trainable_parameters()
+            add_lora(base, cfg.model.fake_rank, FAKE_SCORE_LORA_TARGETS, adapter_name=FAKE_ADAPTER)
+            self.fake = ScoreModel(base, adapters=(FAKE_ADAPTER,))
+        self.teacher_score = ScoreModel(base, adapters=self.teacher_adapters) if base is not None else None
+        if base is not None:  # between calls the student's adapter is the live one (none when it is its own network)
+            set_active_adapters(base, self.student_adapters or ())
+        if base is not None:  # peft gives an adapter its base layer's dtype; the trained ones are kept in float32
+            for module in (base, self.prior.vae):
+                for param in module.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.float()
 
         self.perceptual, self.perceptual_name = None, None
         if cfg.loss.perceptual > 0:
@@ -279,27 +413,46 @@ class DistillRecipe:
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> "DistillRecipe":
         cfg = self.cfg
-        self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision)
+        for tracker, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+            if tracker in cfg.train.log_with:
+                try:
+                    __import__(module)
+                except ImportError:
+                    raise ConfigError(f"train.log_with: {tracker} is not installed here (pip install {module}); "
+                                      "log.csv is always written") from None
+        self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.log_with,
+                                            project_dir=self.out / "trackers")
         acc = self.accelerator
-        self.data = PairBatches(cfg, acc.num_processes, acc.process_index)
+        shape = None
+        if self.prior is not None:
+            from compress.data.prompts import PromptShape
+
+            null = self.prior.uncond
+            shape = PromptShape(null.prompt_embeds.shape[1], null.prompt_embeds.shape[2], null.pooled.shape[1])
+        self.data = PairBatches(cfg, acc.num_processes, acc.process_index, shape)
         if acc.is_main_process and self.progress:
             print(self.data.summary, file=sys.stderr)
 
         def adamw(params, lr):
-            return torch.optim.AdamW(params, lr=lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                     weight_decay=cfg.optim.weight_decay)
+            return make_adamw(params, lr, cfg.optim)
 
-        trainable = [p for p in self.trainee.parameters() if p.requires_grad]
+        # the fake score's adapter sits on the student's transformer too: it has its own optimiser
+        fake_trainable = adapter_parameters(self.fake.transformer, FAKE_ADAPTER) if self.fake is not None else []
+        fake_ids = {id(p) for p in fake_trainable}
+        trainable = [p for p in self.trainee.parameters() if p.requires_grad and id(p) not in fake_ids]
         if not trainable:
             raise ValueError("the student has no trainable parameters; check model.trainable")
         self.optimizer = adamw(trainable, cfg.optim.lr)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.train.steps, cfg.optim.warmup_steps, decay=cfg.optim.schedule)
         )
-        self.trainee, self.optimizer, self.lr_scheduler = acc.prepare(self.trainee, self.optimizer, self.lr_scheduler)
+        with only_trainable(self.trainee, trainable):
+            self.trainee, self.optimizer, self.lr_scheduler = acc.prepare(self.trainee, self.optimizer, self.lr_scheduler)
+        self.fake_trainable = fake_trainable
         if self.fake is not None:
-            self.fake_optimizer = adamw([p for p in self.fake.parameters() if p.requires_grad], cfg.optim.lr_fake)
-            self.fake, self.fake_optimizer = acc.prepare(self.fake, self.fake_optimizer)
+            self.fake_optimizer = adamw(fake_trainable, cfg.optim.lr_fake)
+            with only_trainable(self.fake, fake_trainable):
+                self.fake, self.fake_optimizer = acc.prepare(self.fake, self.fake_optimizer)
         if self.discriminator is not None:
             self.d_optimizer = adamw(self.d_trainable, cfg.optim.lr_discriminator)
             self.discriminator, self.d_optimizer = acc.prepare(self.discriminator, self.d_optimizer)
@@ -319,6 +472,10 @@ class DistillRecipe:
             self._restore()
         elif acc.is_main_process:
             self._start_folder()
+        if cfg.train.log_with:
+            flat = {f"{section}.{key}": value for section, values in cfg.to_dict().items() if isinstance(values, dict)
+                    for key, value in values.items() if isinstance(value, (int, float, str, bool))}
+            acc.init_trackers(cfg.name, config=flat)
         return self
 
     def _start_folder(self) -> None:
@@ -334,7 +491,9 @@ class DistillRecipe:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
-        self.checkpoints.save(self.state.step, seconds=self.state.seconds, nonfinite_steps=self.state.nonfinite_steps)
+        self.checkpoints.save(self.state.step, seconds=self.state.seconds, nonfinite_steps=self.state.nonfinite_steps,
+                              items_done=self.data.items_before(self.state.step),
+                              processes=self.accelerator.num_processes)
 
     def _restore(self) -> None:
         if not list_checkpoints(self.out):
@@ -345,6 +504,13 @@ class DistillRecipe:
         saved = self.checkpoints.restore()
         self.state.step, self.state.seconds = int(saved["step"]), float(saved["seconds"])
         self.state.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
+        if "items_done" in saved:  # checkpoints before this field: the same number of processes is assumed
+            self.data.rebase(self.state.step, int(saved["items_done"]))
+        before, now = saved.get("processes"), self.accelerator.num_processes
+        if before and before != now and self.accelerator.is_main_process and self.progress:
+            print(f"resuming step {self.state.step} with {now} process(es), the checkpoint's run had {before}: "
+                  f"{now * self.cfg.train.batch_size} crops a step from here on, was {before * self.cfg.train.batch_size}",
+                  file=sys.stderr)
         if self.accelerator.is_main_process:  # drop rows written after the checkpoint
             self.state.history = self.log.truncate(self.state.step)
 
@@ -353,8 +519,10 @@ class DistillRecipe:
         cfg, acc = self.cfg, self.accelerator
         loss_cfg = cfg.loss
         rank = acc.process_index
-        lr, hr = self.data(step)
-        lr, hr = lr.to(acc.device), hr.to(acc.device)
+        batch = self.data(step)
+        lr, hr = batch.lr.to(acc.device), batch.hr.to(acc.device)
+        # teacher and fake score see each image's HQ prompt where the user gave one (TSD-SR); else the fixed prompt
+        cond = Conditioning(*batch.prompt) if batch.prompt is not None else (self.prior.cond if self.prior else None)
         g_index = step_generator(cfg.train.seed, step, rank, 1)
         g_noise = step_generator(cfg.train.seed, step, rank, 2)
 
@@ -375,7 +543,7 @@ class DistillRecipe:
                 index = int(self.schedule.sample_indices(1, g_index, loss_cfg.tsd_settings.index_low,
                                                          loss_cfg.tsd_settings.index_high)[0])
                 grad = tsd_gradient(latent.detach(), hr_latent, noise, index, self.schedule, self.teacher_score,
-                                    self.fake, self.prior.cond, self.prior.uncond, loss_cfg.tsd_settings, g_index)
+                                    self.fake, cond, self.prior.uncond, loss_cfg.tsd_settings, g_index)
                 terms["tsd"] = tsd_loss(latent, grad)
             teacher_latent = None
             if self.kd_teacher is not None:
@@ -397,7 +565,7 @@ class DistillRecipe:
 
                 small = sample_small_indices(self.schedule, latent.shape[0], g_index)
                 grad = hf_score_distillation_gradient(latent.detach(), teacher_latent, noise, small, self.schedule,
-                                                      self.teacher_score, self.prior.cond)
+                                                      self.teacher_score, cond)
                 terms["hf_score"] = hf_score_distillation_loss(latent, grad)
             if loss_cfg.adversarial > 0:
                 from distill.tadsr import discriminator_inputs
@@ -431,9 +599,9 @@ class DistillRecipe:
                                                    loss_cfg.tsd_settings.index_high)
             fake_noise = torch.randn(latent.shape, generator=g_noise).to(latent)
             loss_fake = fake_score_loss(self.fake, latent.detach(), fake_noise, indices, self.schedule,
-                                        self.prior.cond, weighting=loss_cfg.fake_weighting, generator=g_index)
+                                        cond, weighting=loss_cfg.fake_weighting, generator=g_index)
             acc.backward(loss_fake)
-            acc.clip_grad_norm_([p for p in self.fake.parameters() if p.requires_grad], cfg.optim.grad_clip)
+            acc.clip_grad_norm_(self.fake_trainable, cfg.optim.grad_clip)
             self.fake_optimizer.step()
             self.fake_optimizer.zero_grad(set_to_none=True)
             logs["fake_score"] = float(loss_fake.detach())
@@ -485,6 +653,7 @@ class DistillRecipe:
         acc = self.accelerator
         bar = tqdm(total=self.stop_at, initial=self.state.step, desc=self.cfg.name, unit="step",
                    disable=not (self.progress and acc.is_main_process), dynamic_ncols=True)
+        self.data.start(self.state.step, self.stop_at)
         last = time.time()
         while self.state.step < self.stop_at:
             step = self.state.step
@@ -498,12 +667,16 @@ class DistillRecipe:
                 row = {"step": self.state.step, "seconds": round(self.state.seconds, 3), **logs}
                 self.state.history.append(row)
                 self.log.append([row])
+                if self.cfg.train.log_with:
+                    acc.log({k: v for k, v in logs.items() if v == v}, step=self.state.step)  # NaN rows stay in log.csv
                 bar.set_postfix(loss=f"{logs['total']:.4f}", refresh=False)
             bar.update(1)
             due = self.state.step % self.cfg.train.checkpoint_every == 0 or self.state.step == self.stop_at
             if due and not self.state.streak:  # during a run of skipped steps the newest checkpoint stays the good one
                 self._save_checkpoint()
         bar.close()
+        if self.cfg.train.log_with:
+            acc.end_training()
         return self
 
     # -- save -----------------------------------------------------------------------------------------
@@ -529,7 +702,7 @@ class DistillRecipe:
             with atomic_dir(target, overwrite=True) as tmp:
                 write_tsdsr_release(
                     tmp, student.transformer, student.vae, student.prompt_embeds, student.pooled_prompt_embeds,
-                    half_precision=self.cfg.train.save_half,
+                    half_precision=self.cfg.train.save_half, transformer_adapter=STUDENT_ADAPTER,
                     null_prompt_embeds=self.prior.uncond.prompt_embeds,
                     null_pooled_prompt_embeds=self.prior.uncond.pooled,
                 )

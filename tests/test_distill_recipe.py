@@ -193,20 +193,31 @@ def test_missing_prior_is_one_clear_error(tmp_path):
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")
 def test_accelerate_launch_two_cpu_processes(tiny_prior, tmp_path):
+    """A run checkpointed by one process resumes under two (the shipped DDP config) and finishes."""
+    from compress.training import read_trainer_state
+    from distill.recipe import run_recipe
+
     launcher = str(Path(sys.executable).parent / "accelerate")
     out = tmp_path / "ddp"
-    # --multi_gpu selects accelerate's torchrun launcher; without GPUs each process runs on CPU with gloo.
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "distill", "train", "--preset", "reference-tsd",
-           "--prior", str(tiny_prior), "--steps", "2", "--out", str(out), *FAST]
+    cfg = RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.steps": "4", **FAST_SETTINGS})
+    run_recipe(cfg, out, max_steps=2, progress=False)
+    assert read_trainer_state(out / "checkpoints" / "step-0000002")["items_done"] == 2  # 2 steps x 1 crop x 1 process
+    # The shipped DDP config (MULTI_GPU: accelerate's torchrun launcher); without GPUs each process runs on CPU with
+    # gloo. The student's and the fake score's adapters share one transformer, each wrapped by its own DDP.
+    cmd = [launcher, "launch", "--config_file", str(REPO / "distill" / "accelerate" / "ddp.yaml"), "--num_processes",
+           "2", "--mixed_precision", "no", "--gpu_ids", "all", "--dynamo_backend", "no", "-m", "distill", "train",
+           "--preset", "reference-tsd", "--prior", str(tiny_prior), "--steps", "4", "--out", str(out), "--resume", *FAST]
     env = dict(__import__("os").environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming step 2 with 2 process(es), the checkpoint's run had 1" in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["steps"] == 2
+    assert metrics["processes"] == 2 and metrics["steps"] == 4
+    # items 0-1 by one process, then 2 crops a step: step 3 takes items 2 (rank 0) and 3 (rank 1), step 4 items 4, 5
+    assert read_trainer_state(out / "checkpoints" / "step-0000004")["items_done"] == 6
     # One LR-schedule step per training step on every process (reference-tsd: lr 2e-4, 50 warm-up steps), not
-    # one per process as Accelerate's default would step it.
-    assert [float(r["lr"]) for r in _log(out)] == pytest.approx([2e-4 * 2 / 50, 2e-4 * 3 / 50])
+    # one per process as Accelerate's default would step it, across the change of process count.
+    assert [float(r["lr"]) for r in _log(out)] == pytest.approx([2e-4 * k / 50 for k in (2, 3, 4, 5)])
     assert (out / "model/checkpoint/tsdsr/transformer.safetensors").is_file()
 
 
@@ -236,15 +247,23 @@ def test_a_pruned_student_redistills_with_the_tsd_loss_and_kd(tiny_prior, tiny_r
     assert moved and all(not k.endswith("modulation") for k in moved)  # weights train, cached buffers stay
 
 
+class _Poisoned:
+    """The recipe's batches, with a NaN LR batch at the given (0-based) steps."""
+
+    def __init__(self, data, bad_steps):
+        self.data, self.bad_steps = data, bad_steps
+
+    def __getattr__(self, name):  # start, items_before, rebase: the recipe's batches'
+        return getattr(self.data, name)
+
+    def __call__(self, step):
+        batch = self.data(step)
+        return batch._replace(lr=torch.full_like(batch.lr, float("nan"))) if step in self.bad_steps else batch
+
+
 def _nan_inputs_at(recipe, bad_steps):
     """Make the LR batch of the given (0-based) steps NaN: the student's output and every loss go non-finite."""
-    data = recipe.data
-
-    def poisoned(step):
-        lr, hr = data(step)
-        return (torch.full_like(lr, float("nan")), hr) if step in bad_steps else (lr, hr)
-
-    recipe.data = poisoned
+    recipe.data = _Poisoned(recipe.data, bad_steps)
 
 
 def test_a_non_finite_step_is_skipped_counted_and_changes_no_weight(tiny_prior, tmp_path):
@@ -334,7 +353,7 @@ def test_train_on_a_folder_of_hr_images(tiny_prior, tmp_path, capsys):
            f"skipped: {data / 'broken.png'} (" in err
     seen = set()
     for step in range(6):
-        _, hr = recipe.data(step)
+        hr = recipe.data(step).hr
         for crop in hr:
             pixel = tuple(int(round(float(v) * 255)) for v in crop[:, 0, 0])
             assert pixel in colours.values() and bool((crop == crop[:, :1, :1]).all())
@@ -379,7 +398,7 @@ def test_train_on_pre_degraded_pairs(tiny_prior, tmp_path, capsys):
     assert f"{hr_dir / 'set' / '0002.png'} (no LR file named set/0002.* or set/0002x4.*" in err
     assert f"{hr_dir / '0003.png'} (128x96 is not 4x its LR's 64x48)" in err
     for step in range(3):
-        lr, hr = recipe.data(step)
+        lr, hr = recipe.data(step)[:2]
         assert lr.shape[-1] * 4 == hr.shape[-1] == 64
         assert torch.equal(lr, hr[..., ::4, ::4]) or torch.equal(lr, hr[..., ::4, 3::4])  # aligned (flipped: 3::4)
     with pytest.raises(ConfigError, match="train.data and train.pairs"):

@@ -102,13 +102,13 @@ def _weight_file_of(folder: Path, name: str) -> Path:
     return folder / WEIGHTS_NAME
 
 
-def load_diffusers_model(model_class, folder: Path | str):
-    """Check, then load a diffusers folder (local files only: nothing is fetched from a hub); weights with
-    NaN or inf values are refused, naming the file and the tensor."""
+def load_diffusers_model(model_class, folder: Path | str, dtype: torch.dtype = torch.float32):
+    """Check, then load a diffusers folder (local files only: nothing is fetched from a hub) in `dtype`; weights
+    with NaN or inf values are refused, naming the file and the tensor."""
     folder = Path(folder)
     check_weights(model_class, folder)
     try:
-        model = model_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+        model = model_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
     except Exception as err:
         raise ModelLoadError(f"could not load {model_class.__name__} from {folder}: {err}") from err
     check_finite(model.state_dict().items(), lambda name: _weight_file_of(folder, name))

@@ -69,15 +69,16 @@ class ReleasePaths:
         }
 
 
+TEACHER_LORA = Path("checkpoint/teacher/teacher.safetensors")  # TSD-SR's teacher LoRA (training only)
+
+
 @dataclass(frozen=True)
 class PriorPaths:
-    """The files of a prior folder: ``base/{transformer,vae,scheduler}`` and the four embedding files."""
+    """The files of a prior folder: the SD3 base (``base/`` or ``stable-diffusion-3-medium-diffusers/``, as for a
+    release, see `find_base`), the four embedding files and the optional teacher LoRA."""
 
     root: Path
-
-    @property
-    def base(self) -> Path:
-        return self.root / PRIOR_BASE_SUBDIR
+    base: Path
 
     @property
     def transformer(self) -> Path:
@@ -92,6 +93,10 @@ class PriorPaths:
         return self.base / "scheduler"
 
     @property
+    def teacher_lora(self) -> Path:
+        return self.root / TEACHER_LORA
+
+    @property
     def embeddings(self) -> dict[str, Path]:
         """``{"prompt_embeds", "pool_embeds", "null_prompt_embeds", "null_pool_embeds"} -> file``."""
         return {
@@ -101,10 +106,25 @@ class PriorPaths:
             "null_pool_embeds": self.root / NULL_EMBEDDING_SUBDIR / POOLED_EMBEDS,
         }
 
+    @property
+    def looked_for_base(self) -> list[Path]:
+        return [self.root / name for name in BASE_CANDIDATES]
+
+
+def find_base(root: Path) -> Path | None:
+    """The SD3 base inside a release or prior root: the first of `BASE_CANDIDATES` holding ``transformer/``.
+
+    One rule for the student's release loader (`release_paths`) and distillation's prior (`prior_paths`), so a
+    TSD-SR download with the SD3 folder beside ``checkpoint/`` loads both ways."""
+    found = [root / name for name in BASE_CANDIDATES if (root / name / "transformer").is_dir()]
+    return found[0] if found else None
+
 
 def prior_paths(root: Path | str) -> PriorPaths:
-    """The file layout of the prior folder at ``root`` (the TSD-SR release layout with ``base/`` inside)."""
-    return PriorPaths(Path(root))
+    """The file layout of the prior folder at ``root`` (the TSD-SR release layout with the base inside); where
+    no base exists yet (a folder being written), ``base/``."""
+    root = Path(root)
+    return PriorPaths(root, find_base(root) or root / PRIOR_BASE_SUBDIR)
 
 
 def is_release_root(path: Path) -> bool:
@@ -115,14 +135,13 @@ def release_paths(root: Path, base: Path | None = None) -> ReleasePaths:
     """Resolve a release root (+ optional separate base folder) into the folders the loader reads."""
     root = Path(root)
     if base is None:
-        looked = [root / name for name in BASE_CANDIDATES]
-        found = [p for p in looked if (p / "transformer").is_dir()]
-        if not found:
+        base = find_base(root)
+        if base is None:
+            looked = [root / name for name in BASE_CANDIDATES]
             raise ModelLoadError(
                 f"no SD3 base model found for release {root}: looked for {', '.join(str(p) for p in looked)} "
                 "(a diffusers folder with transformer/ and vae/). Pass it with --base-model. " + HOW_TO_GET
             )
-        base = found[0]
     return ReleasePaths(base=Path(base), lora_dir=root / LORA_SUBDIR, embedding_dir=root / EMBEDDING_SUBDIR)
 
 

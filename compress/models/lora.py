@@ -75,11 +75,73 @@ def lora_config(rank: int, target_modules: list[str], alpha: float | None = None
 
 
 def add_lora(model: nn.Module, rank: int, target_modules: list[str], adapter_name: str = "default", alpha=None):
-    """Inject a LoRA adapter with TSD-SR's settings (gaussian A, zero B: the model is unchanged)."""
+    """Inject a LoRA adapter with TSD-SR's settings (gaussian A, zero B: the model is unchanged).
+
+    A second adapter on the same model is how distillation shares one base transformer between the student, the
+    fake score and the teacher (`set_active_adapters` picks one per call); peft's warning about it is expected.
+    """
+    import warnings
+
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(lora_config(rank, target_modules, alpha), model, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(lora_config(rank, target_modules, alpha), model, adapter_name=adapter_name)
     return model
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
+    """The weights of one named adapter (every LoRA layer's A and B of that name), in module order."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    params = []
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for attribute in layer.adapter_layer_names:
+                adapters = getattr(layer, attribute)
+                if adapter_name in adapters:
+                    params.extend(adapters[adapter_name].parameters())
+    return params
+
+
+def set_active_adapters(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Make exactly `names` the active LoRA adapters of every layer (none: the base weights alone).
+
+    A layer that lacks one of them runs without it (peft skips adapters a layer does not hold). Unlike peft's
+    `set_adapter`, no `requires_grad` flag changes: which weights train is the optimiser's business, and a graph
+    recorded under one adapter must still reach its weights when another becomes active before backward.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(bool(names))
+        if names:
+            layer.set_adapter(list(names))
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def active_adapter_names(model: nn.Module) -> tuple[str, ...]:
+    """The adapters active in `model` (the first LoRA layer's; `set_active_adapters` keeps every layer alike)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            return () if layer.disable_adapters else tuple(layer.active_adapters)
+    return ()
+
+
+@contextmanager
+def adapters_active(model: nn.Module, names: tuple[str, ...]) -> Iterator[nn.Module]:
+    """Run `model` with exactly the adapters `names` active inside the block, then restore the previous ones."""
+    before = active_adapter_names(model)
+    set_active_adapters(model, names)
+    try:
+        yield model
+    finally:
+        set_active_adapters(model, before)
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:

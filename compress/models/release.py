@@ -115,12 +115,14 @@ def write_tsdsr_release(
     half_precision: bool = False,
     null_prompt_embeds: torch.Tensor | None = None,
     null_pooled_prompt_embeds: torch.Tensor | None = None,
+    transformer_adapter: str = "default",
 ) -> Path:
     """Write a release in the official layout from LoRA-carrying (unmerged) transformer and VAE.
 
     The base weights (LoRA excluded) go to `base_dir` (default root/base) in diffusers layout with an SD3
     scheduler config; the LoRAs and embeddings to the official paths. `half_precision` stores base weights
-    in fp16, as the SD3 release does.
+    in fp16, as the SD3 release does. `transformer_adapter` names the student's adapter where the transformer
+    carries others too (distillation's fake score and teacher share it); only that one is written.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -137,7 +139,7 @@ def write_tsdsr_release(
     _save_base_without_lora(transformer, base_dir / "transformer", dtype)
     _save_base_without_lora(vae, base_dir / "vae", dtype)
     FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(base_dir / "scheduler")
-    save_lora_file(transformer, root / LORA_SUBDIR / TRANSFORMER_LORA)
+    save_lora_file(transformer, root / LORA_SUBDIR / TRANSFORMER_LORA, adapter_name=transformer_adapter)
     save_lora_file(vae, root / LORA_SUBDIR / VAE_LORA)
     embeddings = {
         root / EMBEDDING_SUBDIR / PROMPT_EMBEDS: prompt_embeds,
