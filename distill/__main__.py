@@ -103,15 +103,7 @@ def check_inputs(cfg: RecipeConfig, out: Path) -> None:
     if cfg.model.prior:
         check_prior(cfg.model.prior)
     if cfg.model.teacher_lora:
-        from compress.models.errors import ModelLoadError
-        from compress.models.layout import REFERENCE_DIR, prior_paths
-
-        root = REFERENCE_DIR if cfg.model.prior == "builtin" else cfg.model.prior
-        path = prior_paths(root).teacher_lora if cfg.model.teacher_lora == "release" else Path(cfg.model.teacher_lora)
-        if not path.is_file():
-            raise ModelLoadError(f"model.teacher_lora: {path} not found; TSD-SR's teacher LoRA is "
-                                 "checkpoint/teacher/teacher.safetensors of its release (a separate download linked "
-                                 "from the TSD-SR README); set model.teacher_lora=null to teach with the plain prior")
+        cfg.model.teacher_lora_file()
     if cfg.model.student_init not in ("lora", "builtin"):
         check_model_files(cfg.model.student_init, flag="--student")
     if cfg.loss.needs_kd_teacher:

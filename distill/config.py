@@ -114,6 +114,19 @@ class ModelSection:
     discriminator_blocks: int = 2
     teacher_lora: str | None = None
 
+    def teacher_lora_file(self) -> Path:
+        """The teacher LoRA file `teacher_lora` names; a missing one is one error (no torch needed)."""
+        from compress.models.errors import ModelLoadError
+        from compress.models.layout import REFERENCE_DIR, prior_paths
+
+        root = REFERENCE_DIR if self.prior == "builtin" else self.prior
+        path = prior_paths(root).teacher_lora if self.teacher_lora == "release" else Path(self.teacher_lora)
+        if not path.is_file():
+            raise ModelLoadError(f"model.teacher_lora: {path} not found; TSD-SR's teacher LoRA is "
+                                 "checkpoint/teacher/teacher.safetensors of its release (a separate download linked "
+                                 "from the TSD-SR README); set model.teacher_lora=null to teach with the plain prior")
+        return path
+
     def validate(self) -> None:
         for key in ("student_rank", "vae_rank", "fake_rank", "discriminator_blocks"):
             if getattr(self, key) < 1:

@@ -33,7 +33,6 @@ from compress.data.photos import list_photos
 from compress.io import atomic_dir, atomic_path, write_json
 from compress.models.errors import ModelLoadError, TrainingDiverged
 from compress.models.hooks import block_outputs
-from compress.models.layout import prior_paths
 from compress.models.lora import (
     FAKE_SCORE_LORA_TARGETS,
     TRANSFORMER_LORA_TARGETS,
@@ -336,15 +335,7 @@ class DistillRecipe:
         if cfg.model.teacher_lora:
             from compress.models.lora import load_lora_file
 
-            path = prior_paths(self.prior.path).teacher_lora if cfg.model.teacher_lora == "release" \
-                else Path(cfg.model.teacher_lora)
-            if not path.is_file():
-                raise ModelLoadError(
-                    f"model.teacher_lora: {path} not found; TSD-SR's teacher LoRA is checkpoint/teacher/teacher.safetensors "
-                    "of its release (a separate download linked from the TSD-SR README); set model.teacher_lora: null "
-                    "to use the plain SD3 prior as the teacher"
-                )
-            load_lora_file(base, path, TRANSFORMER_LORA_TARGETS, "teacher LoRA", adapter_name=TEACHER_ADAPTER)
+            load_lora_file(base, cfg.model.teacher_lora_file(), TRANSFORMER_LORA_TARGETS, "teacher LoRA", adapter_name=TEACHER_ADAPTER)
             for p in adapter_parameters(base, TEACHER_ADAPTER):
                 p.requires_grad_(False)
             self.teacher_adapters = (TEACHER_ADAPTER,)
