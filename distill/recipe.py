@@ -39,6 +39,7 @@ from compress.models.lora import (
     adapter_parameters,
     adapters_active,
     add_lora,
+    enable_adapter_aware_checkpointing,
     lora_disabled,
     set_active_adapters,
     vae_encoder_lora_targets,
@@ -370,7 +371,7 @@ class DistillRecipe:
                     p.requires_grad_("lora_" in name)
         student.vae.decoder.requires_grad_(False)  # the decoder stays frozen (TSD-SR); gradients pass through
         if cfg.train.gradient_checkpointing and hasattr(student.transformer, "enable_gradient_checkpointing"):
-            student.transformer.enable_gradient_checkpointing()
+            enable_adapter_aware_checkpointing(student.transformer)
         self.student = student
         self.trainee = StudentForTraining(student, collect_features=cfg.loss.kd_feature > 0,
                                           adapters=self.student_adapters)

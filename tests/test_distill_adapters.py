@@ -102,6 +102,28 @@ def test_shared_adapters_give_the_losses_and_gradients_of_separate_copies(tiny_p
     assert any(float(g.abs().sum()) > 0 for g in fake_grads.values())
 
 
+def test_gradient_checkpointing_recomputes_each_block_with_the_adapters_of_its_forward(tiny_prior, tmp_path):
+    """The fake score's backward runs after the student's adapter is live again; a plain recomputation would
+    differentiate the student's network there (an error where the ranks differ, wrong gradients where they match)."""
+    runs = {}
+    for checkpointing in ("false", "true"):
+        recipe = _recipe(tiny_prior, tmp_path / checkpointing, **{"train.gradient_checkpointing": checkpointing})
+        recipe.load().setup()
+        assert recipe.student.transformer.is_gradient_checkpointing == (checkpointing == "true")
+        grads = _record_gradients(recipe)
+        runs[checkpointing] = [recipe.train_step(step) for step in range(2)], grads
+    (logs_plain, grads_plain), (logs_ckpt, grads_ckpt) = runs["false"], runs["true"]
+    for a, b in zip(logs_plain, logs_ckpt):
+        assert {"tsd", "fake_score"} <= set(a)
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert len(grads_plain) == len(grads_ckpt) == 4
+    for a, b in zip(grads_plain, grads_ckpt):
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-8)
+
+
 def _data_folder(root, names):
     from PIL import Image
 

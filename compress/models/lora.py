@@ -9,7 +9,7 @@ TSD-SR (train/train.py, utils/util.py) adapts the SD3 transformer and the VAE *e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -142,6 +142,24 @@ def adapters_active(model: nn.Module, names: tuple[str, ...]) -> Iterator[nn.Mod
         yield model
     finally:
         set_active_adapters(model, before)
+
+
+def enable_adapter_aware_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing for a diffusers model whose LoRA adapters are switched between calls: each block is
+    recomputed in the backward pass with the adapters that were active in its forward pass, not with whatever is
+    active when the backward runs (the fake score's backward follows its forward after the student's adapter is
+    back, and the default recomputation would then differentiate the wrong network)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def checkpoint_with_adapters(block: nn.Module, *args):
+        names = active_adapter_names(model)
+
+        def contexts():  # (forward, recompute)
+            return nullcontext(), adapters_active(model, names)
+
+        return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=contexts)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_with_adapters)
 
 
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
