@@ -167,15 +167,27 @@ def run_half(workdir: Path, out: Path, hr_size: int, batch_size: int) -> dict:
 
 
 class SavedBytes:
-    """Bytes of the tensors autograd saves for backward inside the block (each storage counted once)."""
+    """Bytes of the tensors autograd saves for backward inside the block, each storage counted once.
+
+    Autograd keeps a meta placeholder instead of each tensor, so a pass whose saved tensors would not fit beside
+    a float32 SD3 transformer on this machine is measured all the same (no backward may run on it). A storage is
+    counted once while it lives; one allocated later at a freed one's address is a new storage and is counted.
+    """
 
     def __init__(self):
-        self.storages: dict[int, int] = {}
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._weakref = StorageWeakRef
+        self.storages: dict[int, object] = {}  # address -> weak reference of the storage counted there
+        self.total = 0
 
     def pack(self, tensor):
         storage = tensor.untyped_storage()
-        self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        seen = self.storages.get(storage.data_ptr())
+        if seen is None or seen.expired():
+            self.storages[storage.data_ptr()] = self._weakref(storage)
+            self.total += storage.nbytes()
+        return torch.empty_like(tensor, device="meta")
 
     def __enter__(self):
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
@@ -184,10 +196,6 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self.hooks.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
 
 
 def run_activations(workdir: Path, hr_size: int) -> dict:
@@ -245,6 +253,7 @@ def run_activations(workdir: Path, hr_size: int) -> dict:
     result["transformer_fake_score"] = transformer_pass((FAKE_ADAPTER,))
     base.enable_gradient_checkpointing()
     result["transformer_student_checkpointed"] = transformer_pass((STUDENT_ADAPTER,))
+    result["transformer_fake_score_checkpointed"] = transformer_pass((FAKE_ADAPTER,))  # one transformer: both
     result["tokens"] = {"image": (hr_size // 8 // 2) ** 2, "prompt": int(cond.prompt_embeds.shape[1])}
     result["peak_rss_bytes"] = _peak()
     return result
@@ -257,14 +266,16 @@ def memory_model(steps: dict, activations: dict, batch: int = 2) -> dict:
     (frozen fp16; trainable adapters float32 with float32 gradients; AdamW two float32 states, 8-bit AdamW two
     bytes). Activations are the float32 bytes measured for one image, times `batch`, halved for fp16 autocast
     (norm statistics stay float32, so this is a slight underestimate). The student's step and the fake score's
-    step do not hold activations at the same time (the student's backward runs first), so the larger counts.
+    step do not hold activations at the same time (the student's backward runs first), so the larger counts;
+    checkpointing applies to both, as they run on one transformer.
     """
     n = steps["parameters"]
     gib = 2**30
     frozen = (n["base_transformer"] + n["vae"] + n["teacher_lora"]) * 2 + n["perceptual_net"] * 4
     trainable = n["student_trainable"] + n["fake_trainable"]
     act = {k: activations[k] * batch / 2 for k in ("vae_encoder_lora", "vae_decoder_frozen", "transformer_student",
-                                                   "transformer_student_checkpointed", "transformer_fake_score")}
+                                                   "transformer_student_checkpointed", "transformer_fake_score",
+                                                   "transformer_fake_score_checkpointed")}
     student_full = act["vae_encoder_lora"] + act["transformer_student"] + act["vae_decoder_frozen"]
     student_ckpt = act["vae_encoder_lora"] + act["transformer_student_checkpointed"] + act["vae_decoder_frozen"]
     rows = {
@@ -273,15 +284,15 @@ def memory_model(steps: dict, activations: dict, batch: int = 2) -> dict:
         "their gradients (fp32)": trainable * 4,
         "AdamW states (2 x fp32)": trainable * 8,
         "8-bit AdamW states instead (optim.optimizer=adamw8bit)": trainable * 2,
-        "activations, student step, no checkpointing": max(student_full, act["transformer_fake_score"]),
-        "activations, student step, gradient checkpointing": max(student_ckpt, act["transformer_fake_score"]),
+        "activations, no checkpointing": max(student_full, act["transformer_fake_score"]),
+        "activations, gradient checkpointing": max(student_ckpt, act["transformer_fake_score_checkpointed"]),
     }
     static = frozen + trainable * 16
     return {
         "crop": activations["hr_size"], "batch_per_gpu": batch, "bytes": rows,
-        "total_without_checkpointing_gib": round((static + rows["activations, student step, no checkpointing"]) / gib, 2),
+        "total_without_checkpointing_gib": round((static + rows["activations, no checkpointing"]) / gib, 2),
         "total_with_checkpointing_gib": round(
-            (static + rows["activations, student step, gradient checkpointing"]) / gib, 2),
+            (static + rows["activations, gradient checkpointing"]) / gib, 2),
         "markdown": "\n".join(["| part | GiB |", "| --- | --- |"]
                               + [f"| {k} | {v / gib:.2f} |" for k, v in rows.items()]),
     }

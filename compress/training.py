@@ -12,7 +12,7 @@ One home for what a resumable run needs, so every loop checkpoints, logs and sch
   optimisers, schedulers, python/numpy/torch/CUDA RNG and every object registered with
   ``register_for_checkpointing``) in ``<run>/checkpoints/step-NNNNNNN/`` with a small ``trainer_state.json``
   (step, seconds, anything JSON the loop adds), each written atomically (``compress.io.atomic_dir``), the
-  last ``keep`` kept;
+  last ``keep`` kept; given the ``trained`` parameters, model files leave the frozen ones out;
 * :class:`GeneratorStates`: named ``torch.Generator`` objects as one checkpointable object;
 * :class:`CsvLog`: the per-step CSV log, appended every logged step and truncated to the checkpoint's step on
   resume, so a resumed run's log is the uninterrupted run's log.
@@ -115,17 +115,55 @@ class CheckpointManager:
     loads the newest one into the prepared/registered objects and returns its ``trainer_state.json``.
     """
 
-    def __init__(self, accelerator: Any, run_dir: Path | str, keep: int = 2) -> None:
+    def __init__(self, accelerator: Any, run_dir: Path | str, keep: int = 2,
+                 trained: Iterable[torch.nn.Parameter] | None = None) -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (checkpoints to keep), got {keep}")
         self.accelerator = accelerator
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / CHECKPOINT_DIR
         self.keep = int(keep)
+        if trained is not None:
+            self._save_only_trained(trained)
         if accelerator.is_main_process and self.folder.is_dir():
             # a checkpoint being written when the run was killed: never complete, never listed; cleared here
             for stale in self.folder.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
+
+    def _save_only_trained(self, trained: Iterable[torch.nn.Parameter]) -> None:
+        """Model files hold the `trained` parameters and the buffers; the frozen parameters are left out (a
+        distillation prior's 2 B frozen transformer would otherwise be written once per prepared model, per
+        checkpoint) and are the ones the run loads from its prior before it resumes. Loading checks that the file
+        lacks nothing but frozen parameters and holds nothing unknown."""
+        trained_ids = {id(p) for p in trained}
+
+        def frozen_names(model: torch.nn.Module) -> set[str]:
+            return {name for name, param in model.named_parameters(remove_duplicate=False) if id(param) not in trained_ids}
+
+        def drop_frozen(models: list, weights: list, output_dir: str) -> None:
+            for index, model in enumerate(models):
+                frozen = frozen_names(model)
+                weights[index] = {key: value for key, value in weights[index].items() if key not in frozen}
+
+        def load_checked(models: list, input_dir: str) -> None:
+            from safetensors.torch import load_file
+
+            for index, model in enumerate(list(models)):
+                name = "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+                path = Path(input_dir) / name
+                if not path.is_file():
+                    raise FileNotFoundError(f"checkpoint {input_dir} lacks {name}; it is incomplete, resume from "
+                                            "an earlier one or start without --resume")
+                device = next(model.parameters()).device
+                missing, unexpected = model.load_state_dict(load_file(str(path), device=str(device)), strict=False)
+                absent = sorted(set(missing) - frozen_names(model))
+                if absent or unexpected:
+                    raise KeyError(f"checkpoint {path} does not match this run's model (missing trained "
+                                   f"{absent[:3]}, unknown {list(unexpected)[:3]}); resume with the run's own config")
+            models.clear()  # loaded here: accelerate loads no model itself
+
+        self.accelerator.register_save_state_pre_hook(drop_frozen)
+        self.accelerator.register_load_state_pre_hook(load_checked)
 
     def list(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

@@ -274,6 +274,17 @@ def make_adamw(params: list[nn.Parameter], lr: float, optim) -> torch.optim.Opti
     return bitsandbytes.optim.AdamW8bit(params, **settings)
 
 
+def check_engine(distributed_type) -> None:
+    """DDP (one process or many) is the engine this recipe runs on. FSDP and DeepSpeed prepare one model per
+    optimiser and shard and checkpoint each model whole, while the student, the fake score and the teacher share
+    one frozen transformer through their adapters: refused in one line instead of failing inside accelerate."""
+    name = str(getattr(distributed_type, "value", distributed_type))
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(f"accelerate's {name} engine is not supported by the distillation recipe (its student, "
+                          "fake score and teacher are adapters on one shared frozen transformer); launch with "
+                          "distill/accelerate/ddp.yaml, whose per-GPU memory is in docs/distill-fullscale.md")
+
+
 @contextmanager
 def only_trainable(module: nn.Module, trainable: list[nn.Parameter]) -> Iterator[None]:
     """Inside the block only `trainable` require grad in `module`: DDP (``accelerator.prepare``) registers the
@@ -415,6 +426,7 @@ class DistillRecipe:
         self.accelerator = make_accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.log_with,
                                             project_dir=self.out / "trackers")
         acc = self.accelerator
+        check_engine(acc.distributed_type)
         shape = None
         if self.prior is not None:
             from compress.data.prompts import PromptShape
@@ -441,6 +453,7 @@ class DistillRecipe:
         with only_trainable(self.trainee, trainable):
             self.trainee, self.optimizer, self.lr_scheduler = acc.prepare(self.trainee, self.optimizer, self.lr_scheduler)
         self.fake_trainable = fake_trainable
+        self.fake_optimizer = self.d_optimizer = None
         if self.fake is not None:
             self.fake_optimizer = adamw(fake_trainable, cfg.optim.lr_fake)
             with only_trainable(self.fake, fake_trainable):
@@ -458,7 +471,10 @@ class DistillRecipe:
             self.ema = EMAModel(trainable, decay=cfg.train.ema_decay)
             acc.register_for_checkpointing(self.ema)
         self.trainable = trainable
-        self.checkpoints = CheckpointManager(acc, self.out, keep=cfg.train.keep_checkpoints)
+        # the frozen prior (most of a full-size run's weights) is reloaded at resume, not checkpointed
+        optimized = [p for opt in (self.optimizer, self.fake_optimizer, self.d_optimizer) if opt is not None
+                     for group in opt.param_groups for p in group["params"]]
+        self.checkpoints = CheckpointManager(acc, self.out, keep=cfg.train.keep_checkpoints, trained=optimized)
         self.log = CsvLog(self.out / LOG_NAME, LOG_COLUMNS)
         if self.resume:
             self._restore()

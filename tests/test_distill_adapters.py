@@ -124,6 +124,53 @@ def test_gradient_checkpointing_recomputes_each_block_with_the_adapters_of_its_f
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-8)
 
 
+def test_checkpoints_hold_the_trained_weights_not_the_frozen_prior(tiny_prior, tmp_path):
+    """The student and the fake score are prepared separately but share the prior's transformer: a checkpoint
+    of every model's full state would write the frozen transformer twice (2 x 8 GB at full size). Only what the
+    optimisers train (and the buffers) is saved; resuming loads it onto the prior and checks the names."""
+    from safetensors.torch import load_file, save_file
+
+    from compress.training import list_checkpoints
+    from distill.recipe import DistillRecipe, run_recipe
+
+    cfg = RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.steps": "3",
+                                                   **FAST_SETTINGS})
+    first = run_recipe(cfg, tmp_path / "run", max_steps=2, progress=False)
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    trained = {id(p) for p in first.trainable + first.fake_trainable}
+    for file, model in (("model.safetensors", first.trainee), ("model_1.safetensors", first.fake)):
+        saved = load_file(str(checkpoint / file))
+        params = dict(model.named_parameters())
+        frozen = {name for name, p in params.items() if id(p) not in trained}
+        assert frozen and set(saved) == set(model.state_dict()) - frozen, file  # trained weights and buffers
+        for name in saved.keys() & params.keys():
+            torch.testing.assert_close(saved[name], params[name].detach())
+
+    second = run_recipe(cfg, tmp_path / "run", resume=True, progress=False)
+    assert second.state.step == 3 and (tmp_path / "run" / "model").is_dir()
+
+    # a checkpoint that lacks a trained weight is one clear error, not a silently fresh adapter
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    saved = load_file(str(checkpoint / "model_1.safetensors"))
+    save_file({k: v for k, v in saved.items() if "lora_A" not in k}, str(checkpoint / "model_1.safetensors"))
+    third = DistillRecipe(cfg, tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(KeyError, match="missing trained"):
+        third.load().setup()
+
+
+def test_fsdp_and_deepspeed_launches_are_refused_in_one_line():
+    """accelerate turns FSDP and DeepSpeed on only for GPU launches, so the refusal is shown on its check."""
+    from accelerate.utils import DistributedType
+
+    from distill.recipe import check_engine
+
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=f"{engine.value} engine is not supported.*ddp.yaml"):
+            check_engine(engine)
+    for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_engine(engine)
+
+
 def _data_folder(root, names):
     from PIL import Image
 
