@@ -169,20 +169,25 @@ def run_half(workdir: Path, out: Path, hr_size: int, batch_size: int) -> dict:
 class SavedBytes:
     """Bytes of the tensors autograd saves for backward inside the block, each storage counted once.
 
-    Autograd keeps a meta placeholder instead of each tensor, so a pass whose saved tensors would not fit beside
+    The modules' own weights are not counted (saving one keeps no extra memory). Autograd keeps a meta
+    placeholder instead of each tensor, so a pass whose saved tensors would not fit beside
     a float32 SD3 transformer on this machine is measured all the same (no backward may run on it). A storage is
     counted once while it lives; one allocated later at a freed one's address is a new storage and is counted.
     """
 
-    def __init__(self):
+    def __init__(self, *modules: torch.nn.Module):
         from torch.multiprocessing.reductions import StorageWeakRef
 
         self._weakref = StorageWeakRef
         self.storages: dict[int, object] = {}  # address -> weak reference of the storage counted there
         self.total = 0
+        # a layer saves its weight to pass gradients to its input: that is the weight's memory, counted already
+        self.weights = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
 
     def pack(self, tensor):
         storage = tensor.untyped_storage()
+        if storage.data_ptr() in self.weights:
+            return torch.empty_like(tensor, device="meta")
         seen = self.storages.get(storage.data_ptr())
         if seen is None or seen.expired():
             self.storages[storage.data_ptr()] = self._weakref(storage)
@@ -221,11 +226,11 @@ def run_activations(workdir: Path, hr_size: int) -> dict:
         p.requires_grad_("lora_" in name)
     image = torch.rand(1, 3, hr_size, hr_size) * 2 - 1
     result = {"hr_size": hr_size, "dtype": "float32"}
-    with SavedBytes() as saved:
+    with SavedBytes(vae) as saved:
         latent = vae.encode(image).latent_dist.mode()
     result["vae_encoder_lora"] = saved.total
     latent = latent.detach().requires_grad_(True)  # the decoder is frozen; the loss backpropagates through it
-    with SavedBytes() as saved:
+    with SavedBytes(vae) as saved:
         vae.decode(latent).sample
     result["vae_decoder_frozen"] = saved.total
     cond = Conditioning(prior.cond.prompt_embeds, prior.cond.pooled)
@@ -242,7 +247,7 @@ def run_activations(workdir: Path, hr_size: int) -> dict:
                         block_inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
         hooks = [b.register_forward_pre_hook(count_inputs, with_kwargs=True) for b in base.transformer_blocks]
-        with adapters_active(base, adapters), SavedBytes() as saved:
+        with adapters_active(base, adapters), SavedBytes(base) as saved:
             base(hidden_states=latent.detach(), timestep=timestep, encoder_hidden_states=cond.prompt_embeds,
                  pooled_projections=cond.pooled, return_dict=False)
         for hook in hooks:

@@ -231,6 +231,9 @@ class TrainSection:
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
     log_with: list = field(default_factory=list)  # trackers besides log.csv: tensorboard and/or wandb (accelerate)
     gradient_checkpointing: bool = False
+    # shard the frozen prior transformer's weights across the processes (torch FSDP2 fully_shard, a unit a block);
+    # the adapters stay whole on every process and DDP averages their gradients (multi-process launches only)
+    shard_prior: bool = False
     ema_decay: float = 0.0  # 0: no EMA; else the EMA weights are the ones saved
     save_half: bool = True  # store the final base weights in fp16 (release layout)
     # a step with a non-finite loss or gradient is skipped (no update) and counted; this many in a row stop the

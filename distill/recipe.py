@@ -464,6 +464,9 @@ class DistillRecipe:
         for module in (self.teacher_score, self.kd_teacher, self.perceptual):
             if module is not None:
                 module.to(acc.device)
+        self.sharding = None
+        if cfg.train.shard_prior:
+            self._shard_prior()
         self.ema = None
         if cfg.train.ema_decay > 0:
             from diffusers.training_utils import EMAModel
@@ -485,6 +488,50 @@ class DistillRecipe:
                     for key, value in values.items() if isinstance(value, (int, float, str, bool))}
             acc.init_trackers(cfg.name, config=flat)
         return self
+
+    def _shard_prior(self) -> None:
+        """FSDP for the frozen weights, after DDP has wrapped the trained ones: torch's ``fully_shard`` splits each
+        block of the prior transformer (and the rest of it) across the processes and gathers a block's weights
+        only while it runs; the adapters are left out of the shards (``ignored_params``), so the DDP wrappers made
+        before keep averaging their gradients and the optimisers, clipping and checkpoints see plain tensors.
+        accelerate's own FSDP plugin cannot express this: it shards and checkpoints one whole model per
+        optimiser, and here three networks share the transformer."""
+        acc = self.accelerator
+        if self.prior is None:
+            raise ConfigError("train.shard_prior shards the prior transformer, and this recipe has none "
+                              "(model.prior is unused without the TSD loss or the HF-score term)")
+        if acc.num_processes < 2:
+            raise ConfigError("train.shard_prior splits the prior across processes; launch with accelerate and "
+                              "several processes (distill/accelerate/ddp.yaml), or leave it off")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+        base = self.prior.transformer
+        adapters = {p for p in base.parameters() if p.requires_grad}
+        whole = sum(p.numel() * p.element_size() for p in base.parameters() if p not in adapters)
+        for block in base.transformer_blocks:
+            fully_shard(block, mesh=mesh, ignored_params=adapters)
+        fully_shard(base, mesh=mesh, ignored_params=adapters)
+        local = sum(p.to_local().numel() * p.element_size() for p in base.parameters() if p not in adapters)
+        self.sharding = {"processes": acc.num_processes, "frozen_transformer_bytes": whole,
+                         "frozen_transformer_bytes_per_process": local}
+
+    def _unsharded_student_transformer(self) -> nn.Module:
+        """The student's transformer in one piece, for the release: its base is the frozen prior's (what the shards
+        hold), read again from the prior folder, and its adapter, whole on every process, is copied onto it."""
+        base = self.prior.transformer
+        frozen_dtype = next(p.dtype for p in base.parameters() if not p.requires_grad)
+        whole = load_prior(self.cfg.model.prior, frozen_dtype).transformer
+        add_lora(whole, self.cfg.model.student_rank, TRANSFORMER_LORA_TARGETS, adapter_name=STUDENT_ADAPTER)
+        marker = f".{STUDENT_ADAPTER}."
+        trained = {name: p for name, p in base.named_parameters() if marker in name}
+        copied = {name: p for name, p in whole.named_parameters() if marker in name}
+        if copied.keys() != trained.keys():
+            raise RuntimeError(f"the re-read prior's {STUDENT_ADAPTER} adapter does not match the trained one")
+        for name, param in copied.items():
+            param.data = trained[name].detach().clone()
+        return whole
 
     def _start_folder(self) -> None:
         if list_checkpoints(self.out) or (self.out / MODEL_DIR).exists():
@@ -707,9 +754,10 @@ class DistillRecipe:
         student = trainee.student
         target = self.out / MODEL_DIR
         if self.cfg.model.student_init == "lora":
+            transformer = self._unsharded_student_transformer() if self.sharding else student.transformer
             with atomic_dir(target, overwrite=True) as tmp:
                 write_tsdsr_release(
-                    tmp, student.transformer, student.vae, student.prompt_embeds, student.pooled_prompt_embeds,
+                    tmp, transformer, student.vae, student.prompt_embeds, student.pooled_prompt_embeds,
                     half_precision=self.cfg.train.save_half, transformer_adapter=STUDENT_ADAPTER,
                     null_prompt_embeds=self.prior.uncond.prompt_embeds,
                     null_pooled_prompt_embeds=self.prior.uncond.pooled,
@@ -734,6 +782,7 @@ class DistillRecipe:
             "final_losses_mean_last_20": {k: round(v, 6) for k, v in final.items()},
             "perceptual_loss": self.perceptual_name,
             "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "prior_sharding": self.sharding,
             "student_parameters": {"transformer": count_params(student.transformer), "vae": count_params(student.vae)},
             "machine": machine_info(),
         }
@@ -745,6 +794,9 @@ class DistillRecipe:
             f"- perceptual loss: {self.perceptual_name}",
             f"- steps skipped for a non-finite loss or gradient: {self.state.nonfinite_steps}",
             f"- trainable parameters: {metrics['trainable_parameters']:,}",
+            *([f"- frozen prior transformer sharded over {self.sharding['processes']} processes: "
+               f"{self.sharding['frozen_transformer_bytes_per_process'] / 2**20:.1f} MiB each of "
+               f"{self.sharding['frozen_transformer_bytes'] / 2**20:.1f} MiB"] if self.sharding else []),
             "- final losses (mean of the last 20 logged steps): "
             + ", ".join(f"{k} {v:.4g}" for k, v in final.items()),
             f"- student: `{target}` ({'TSD-SR release layout' if self.cfg.model.student_init == 'lora' else 'model folder'})",
