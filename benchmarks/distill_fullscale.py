@@ -20,6 +20,7 @@ own process, so each peak RSS is that phase's alone:
    backpropagates through) and in one fake-score forward, per image, measured in float32.
 
     python -m benchmarks.distill_fullscale --workdir /tmp/sd3-prior --json runs/distill_fullscale.json
+    python -m benchmarks.distill_fullscale --from-json docs/distill-fullscale.json   # the table of a saved run
 
 Prints a JSON document with every number and the machine; `docs/distill-fullscale.md` records a run.
 """
@@ -264,7 +265,7 @@ def run_activations(workdir: Path, hr_size: int) -> dict:
     return result
 
 
-def memory_model(steps: dict, activations: dict, batch: int = 2) -> dict:
+def memory_model(steps: dict, activations: dict, batch: int = 2, shard_gpus: int = 8) -> dict:
     """Per-GPU memory of `sd3-medium-tsd` at the activation phase's crop, `batch` crops a GPU, fp16 mixed precision.
 
     Weights, adapters, gradients and optimiser states are the set-up's exact parameter counts times their bytes
@@ -292,12 +293,18 @@ def memory_model(steps: dict, activations: dict, batch: int = 2) -> dict:
         "activations, no checkpointing": max(student_full, act["transformer_fake_score"]),
         "activations, gradient checkpointing": max(student_ckpt, act["transformer_fake_score_checkpointed"]),
     }
+    # train.shard_prior: the transformer's frozen weights (its base and the teacher adapter) split over the GPUs
+    sharded = (n["base_transformer"] + n["teacher_lora"]) * 2
+    rows[f"frozen weights instead, train.shard_prior over {shard_gpus} GPUs"] = frozen - sharded + sharded / shard_gpus
     static = frozen + trainable * 16
     return {
         "crop": activations["hr_size"], "batch_per_gpu": batch, "bytes": rows,
         "total_without_checkpointing_gib": round((static + rows["activations, no checkpointing"]) / gib, 2),
         "total_with_checkpointing_gib": round(
             (static + rows["activations, gradient checkpointing"]) / gib, 2),
+        "total_with_checkpointing_sharded_gib": round(
+            (static - sharded + sharded / shard_gpus + rows["activations, gradient checkpointing"]) / gib, 2),
+        "shard_gpus": shard_gpus,
         "markdown": "\n".join(["| part | GiB |", "| --- | --- |"]
                               + [f"| {k} | {v / gib:.2f} |" for k, v in rows.items()]),
     }
@@ -321,7 +328,7 @@ def _child(phase: str, ns) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, required=True, help="where the random prior is written (~4.3 GB)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the random prior is written (~4.3 GB)")
     parser.add_argument("--hr-size", type=int, default=64, help="HR crop of the timed steps")
     parser.add_argument("--batch-size", type=int, default=1, help="crops per step of the timed steps")
     parser.add_argument("--steps", type=int, default=2)
@@ -330,7 +337,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="recompute the memory model of a saved run (its steps and activations) and stop")
     ns = parser.parse_args(argv)
+    if ns.from_json is not None:
+        saved = json.loads(ns.from_json.read_text())
+        model = memory_model(saved["steps"], saved["activations"])
+        print(model["markdown"])
+        print(f"total with checkpointing {model['total_with_checkpointing_gib']} GiB, "
+              f"without {model['total_without_checkpointing_gib']} GiB, "
+              f"sharded over {model['shard_gpus']} GPUs {model['total_with_checkpointing_sharded_gib']} GiB")
+        return 0
+    if ns.workdir is None:
+        parser.error("--workdir is required (where the random prior is written, about 4.3 GB)")
     if ns.phase is not None:  # a child: one phase, its JSON on the last stdout line
         out = ns.workdir / f"run-{ns.phase}"
         if ns.phase == "prior":

@@ -415,6 +415,19 @@ def test_saved_bytes_count_activations_not_the_weights_a_layer_keeps():
     assert z.grad_fn is not None
 
 
+def test_the_documented_memory_model_is_the_shipped_runs(capsys):
+    """docs/distill-fullscale.md's per-GPU table is memory_model() of the run it ships (distill-fullscale.json)."""
+    from benchmarks.distill_fullscale import main
+    from tests.conftest import REPO
+
+    assert main(["--from-json", str(REPO / "docs" / "distill-fullscale.json")]) == 0
+    table = capsys.readouterr().out
+    doc = (REPO / "docs" / "distill-fullscale.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 10 and all(row in doc for row in rows)
+    assert "total with checkpointing 15.19 GiB, without 18.2 GiB, sharded over 8 GPUs 11.74 GiB" in table
+
+
 @pytest.mark.slow
 def test_full_geometry_benchmark_runs_on_the_tiny_geometry(tmp_path):
     """benchmarks.distill_fullscale end to end on the tiny geometry (the sd3-medium run is documented in
