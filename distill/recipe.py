@@ -282,7 +282,8 @@ def check_engine(distributed_type) -> None:
     if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(f"accelerate's {name} engine is not supported by the distillation recipe (its student, "
                           "fake score and teacher are adapters on one shared frozen transformer); launch with "
-                          "distill/accelerate/ddp.yaml, whose per-GPU memory is in docs/distill-fullscale.md")
+                          "distill/accelerate/ddp.yaml, and add --set train.shard_prior=true to shard that "
+                          "transformer across the GPUs (FSDP2); per-GPU memory: docs/distill-fullscale.md")
 
 
 @contextmanager

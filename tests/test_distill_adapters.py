@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,55 +169,6 @@ def test_fsdp_and_deepspeed_launches_are_refused_in_one_line():
             check_engine(engine)
     for engine in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         check_engine(engine)
-
-
-@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
-                    reason="the accelerate launcher is not installed")
-def test_two_processes_with_the_prior_sharded_train_as_without_and_resume(tiny_prior, tmp_path):
-    """train.shard_prior on 2 CPU processes (gloo, the shipped DDP config): torch FSDP2 splits the frozen
-    transformer between the processes, and the losses are those of the unsharded 2-process run, step for step,
-    with gradient checkpointing on (each block's weights gathered again for its recomputation) and across a
-    resume from a sharded checkpoint."""
-    import csv
-    import json
-    import os
-    import subprocess
-
-    from tests.conftest import REPO
-
-    settings = {**FAST_SETTINGS, "train.gradient_checkpointing": "true", "train.checkpoint_every": "1"}
-    fast = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-
-    def launch(out, *extra):
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(REPO / "distill" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-               "--gpu_ids", "all", "--dynamo_backend", "no", "-m", "distill", "train", "--preset", "reference-tsd",
-               "--prior", str(tiny_prior), "--steps", "3", "--out", str(out), *fast, *extra]
-        env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        with (out / "log.csv").open() as handle:
-            return list(csv.DictReader(handle))
-
-    plain = launch(tmp_path / "plain")
-    launch(tmp_path / "sharded", "--set", "train.shard_prior=true", "--max-steps", "2")
-    sharded = launch(tmp_path / "sharded", "--set", "train.shard_prior=true", "--resume")
-    assert [r["step"] for r in plain] == [r["step"] for r in sharded] == ["1", "2", "3"]
-    for a, b in zip(plain, sharded):
-        for key in ("total", "tsd", "fake_score", "perceptual"):
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-7), (a["step"], key)
-    metrics = json.loads((tmp_path / "sharded" / "metrics.json").read_text())
-    sharding = metrics["prior_sharding"]
-    assert metrics["processes"] == 2 and sharding["processes"] == 2
-    assert sharding["frozen_transformer_bytes_per_process"] <= 0.55 * sharding["frozen_transformer_bytes"]
-    from safetensors.torch import load_file
-
-    for file in ("checkpoint/tsdsr/transformer.safetensors", "base/transformer/diffusion_pytorch_model.safetensors"):
-        want, got = load_file(str(tmp_path / "plain" / "model" / file)), load_file(str(tmp_path / "sharded" / "model" / file))
-        assert want.keys() == got.keys() and want, file  # the release written from the shards is the same one
-        for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
-    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["prior_sharding"] is None
 
 
 def test_shard_prior_needs_several_processes(tiny_prior, tmp_path):

@@ -192,33 +192,58 @@ def test_missing_prior_is_one_clear_error(tmp_path):
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="the accelerate launcher is not installed")
-def test_accelerate_launch_two_cpu_processes(tiny_prior, tmp_path):
-    """A run checkpointed by one process resumes under two (the shipped DDP config) and finishes."""
+def test_accelerate_launch_two_cpu_processes_plain_and_with_the_prior_sharded(tiny_prior, tmp_path):
+    """A run checkpointed by one process resumes under two (the shipped DDP config) and finishes; resumed from
+    the same checkpoint with train.shard_prior (torch FSDP2 splits the frozen transformer between the two
+    processes), it logs the same losses step for step and writes the same release. Gradient checkpointing is on,
+    so each block's weights are gathered again for its recomputation."""
+    from safetensors.torch import load_file
+
     from compress.training import read_trainer_state
     from distill.recipe import run_recipe
 
     launcher = str(Path(sys.executable).parent / "accelerate")
-    out = tmp_path / "ddp"
-    cfg = RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.steps": "4", **FAST_SETTINGS})
-    run_recipe(cfg, out, max_steps=2, progress=False)
-    assert read_trainer_state(out / "checkpoints" / "step-0000002")["items_done"] == 2  # 2 steps x 1 crop x 1 process
-    # The shipped DDP config (MULTI_GPU: accelerate's torchrun launcher); without GPUs each process runs on CPU with
-    # gloo. The student's and the fake score's adapters share one transformer, each wrapped by its own DDP.
-    cmd = [launcher, "launch", "--config_file", str(REPO / "distill" / "accelerate" / "ddp.yaml"), "--num_processes",
-           "2", "--mixed_precision", "no", "--gpu_ids", "all", "--dynamo_backend", "no", "-m", "distill", "train",
-           "--preset", "reference-tsd", "--prior", str(tiny_prior), "--steps", "4", "--out", str(out), "--resume", *FAST]
+    settings = {**FAST_SETTINGS, "train.gradient_checkpointing": "true"}
+    cfg = RecipeConfig.from_yaml("reference-tsd", {"model.prior": str(tiny_prior), "train.steps": "4", **settings})
+    first = tmp_path / "first"
+    run_recipe(cfg, first, max_steps=2, progress=False)
+    assert read_trainer_state(first / "checkpoints" / "step-0000002")["items_done"] == 2  # 2 steps x 1 crop x 1 process
     env = dict(__import__("os").environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming step 2 with 2 process(es), the checkpoint's run had 1" in result.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["steps"] == 4
-    # items 0-1 by one process, then 2 crops a step: step 3 takes items 2 (rank 0) and 3 (rank 1), step 4 items 4, 5
-    assert read_trainer_state(out / "checkpoints" / "step-0000004")["items_done"] == 6
-    # One LR-schedule step per training step on every process (reference-tsd: lr 2e-4, 50 warm-up steps), not
-    # one per process as Accelerate's default would step it, across the change of process count.
-    assert [float(r["lr"]) for r in _log(out)] == pytest.approx([2e-4 * k / 50 for k in (2, 3, 4, 5)])
-    assert (out / "model/checkpoint/tsdsr/transformer.safetensors").is_file()
+    runs = {}
+    for name, extra in (("plain", []), ("sharded", ["--set", "train.shard_prior=true"])):
+        out = tmp_path / name
+        shutil.copytree(first, out)
+        # The shipped DDP config (MULTI_GPU: accelerate's torchrun launcher); without GPUs each process runs on CPU
+        # with gloo. The student's and the fake score's adapters share one transformer, each wrapped by its own DDP.
+        cmd = [launcher, "launch", "--config_file", str(REPO / "distill" / "accelerate" / "ddp.yaml"),
+               "--num_processes", "2", "--mixed_precision", "no", "--gpu_ids", "all", "--dynamo_backend", "no", "-m",
+               "distill", "train", "--preset", "reference-tsd", "--prior", str(tiny_prior), "--steps", "4", "--out",
+               str(out), "--resume", *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")], *extra]
+        result = subprocess.run(cmd, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resuming step 2 with 2 process(es), the checkpoint's run had 1" in result.stderr
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["processes"] == 2 and metrics["steps"] == 4
+        # items 0-1 by one process, then 2 crops a step: step 3 takes items 2 (rank 0) and 3 (rank 1), step 4 items 4, 5
+        assert read_trainer_state(out / "checkpoints" / "step-0000004")["items_done"] == 6
+        # One LR-schedule step per training step on every process (reference-tsd: lr 2e-4, 50 warm-up steps), not
+        # one per process as Accelerate's default would step it, across the change of process count.
+        assert [float(r["lr"]) for r in _log(out)] == pytest.approx([2e-4 * k / 50 for k in (2, 3, 4, 5)])
+        runs[name] = _log(out), metrics
+    (plain, plain_metrics), (sharded, sharded_metrics) = runs["plain"], runs["sharded"]
+    assert plain_metrics["prior_sharding"] is None
+    sharding = sharded_metrics["prior_sharding"]
+    assert sharding["processes"] == 2
+    assert sharding["frozen_transformer_bytes_per_process"] <= 0.55 * sharding["frozen_transformer_bytes"]
+    assert [r["step"] for r in plain] == [r["step"] for r in sharded] == ["1", "2", "3", "4"]
+    for a, b in zip(plain[2:], sharded[2:]):  # steps 3 and 4: two processes, unsharded and sharded
+        for key in ("total", "tsd", "fake_score", "perceptual"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-7), (a["step"], key)
+    for file in ("checkpoint/tsdsr/transformer.safetensors", "base/transformer/diffusion_pytorch_model.safetensors"):
+        want, got = (load_file(str(tmp_path / name / "model" / file)) for name in ("plain", "sharded"))
+        assert want.keys() == got.keys() and want, file  # the release written from the shards is the same one
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
 
 
 def test_a_pruned_student_redistills_with_the_tsd_loss_and_kd(tiny_prior, tiny_release, tmp_path):
