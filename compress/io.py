@@ -57,6 +57,20 @@ def atomic_dir(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def read_tensor_file(path: Path | str, what: str, error: type[Exception] = ValueError):
+    """The one tensor a ``torch.save`` file holds, read with ``weights_only`` (no pickled code runs); an unreadable
+    file or any other content is one `error` naming `what` and the file."""
+    import torch
+
+    try:
+        value = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise error(f"{what}: {path} is not a readable torch tensor file ({type(err).__name__}: {err})") from err
+    if not isinstance(value, torch.Tensor):
+        raise error(f"{what}: {path} holds a {type(value).__name__}, expected one tensor")
+    return value
+
+
 def write_json(path: Path | str, payload: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

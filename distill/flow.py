@@ -203,8 +203,6 @@ class ScoreModel(torch.nn.Module):
         self.adapters = adapters
 
     def forward(self, z_t: Tensor, timesteps: Tensor | float, cond: Conditioning) -> Tensor:
-        from contextlib import nullcontext
-
         from compress.models.lora import adapters_active
 
         batch = z_t.shape[0]
@@ -212,8 +210,7 @@ class ScoreModel(torch.nn.Module):
         timesteps = torch.as_tensor(timesteps, device=z_t.device, dtype=z_t.dtype)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(batch)
-        switch = nullcontext() if self.adapters is None else adapters_active(self.transformer, self.adapters)
-        with switch:
+        with adapters_active(self.transformer, self.adapters):
             return self.transformer(
                 hidden_states=z_t,
                 timestep=timesteps,

@@ -149,12 +149,10 @@ class StudentForTraining(nn.Module):
         self.adapters = adapters  # the student's adapters on a transformer it shares (None: its own network)
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor | list]:
-        from contextlib import nullcontext
-
         student = self.student
         latent_lr = student.encode(student.preprocess(lr))
-        switch = nullcontext() if self.adapters is None else adapters_active(student.transformer, self.adapters)
-        with switch, block_outputs(student.transformer, enabled=self.collect_features) as features:
+        with adapters_active(student.transformer, self.adapters), \
+                block_outputs(student.transformer, enabled=self.collect_features) as features:
             latent = student.restore_latent(latent_lr)
         decoded = student.decode(latent)
         with torch.no_grad(), lora_disabled(student.vae):
@@ -398,9 +396,10 @@ class DistillRecipe:
             add_lora(base, cfg.model.fake_rank, FAKE_SCORE_LORA_TARGETS, adapter_name=FAKE_ADAPTER)
             self.fake = ScoreModel(base, adapters=(FAKE_ADAPTER,))
         self.teacher_score = ScoreModel(base, adapters=self.teacher_adapters) if base is not None else None
-        if base is not None:  # between calls the student's adapter is the live one (none when it is its own network)
+        if base is not None:
+            # between calls the student's adapter is the live one (none when it is its own network)
             set_active_adapters(base, self.student_adapters or ())
-        if base is not None:  # peft gives an adapter its base layer's dtype; the trained ones are kept in float32
+            # peft gives an adapter its base layer's dtype; the trained ones are kept in float32
             for module in (base, self.prior.vae):
                 for param in module.parameters():
                     if param.requires_grad:

@@ -69,7 +69,10 @@ class PromptEmbeddings:
         """(prompt_embeds (tokens, width), pooled (pooled width,)) of one image, as float32."""
         files = self.files(name)
         if self.tsdsr_layout:
-            tensors = {key: _torch_file(path) for key, path in zip(SAFETENSORS_KEYS, files)}
+            from compress.io import read_tensor_file
+
+            tensors = {key: read_tensor_file(path, "train.prompt_embeds", PromptEmbeddingError)
+                       for key, path in zip(SAFETENSORS_KEYS, files)}
         else:
             from safetensors.torch import load_file
 
@@ -97,12 +100,3 @@ class PromptEmbeddings:
         pairs = [self.get(name) for name in names]
         return torch.stack([p for p, _ in pairs]), torch.stack([q for _, q in pairs])
 
-
-def _torch_file(path: Path) -> torch.Tensor:
-    try:
-        value = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise PromptEmbeddingError(f"train.prompt_embeds: {path} is not a readable torch tensor file ({err})") from err
-    if not isinstance(value, torch.Tensor):
-        raise PromptEmbeddingError(f"train.prompt_embeds: {path} holds a {type(value).__name__}, expected a tensor")
-    return value

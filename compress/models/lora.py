@@ -134,8 +134,12 @@ def active_adapter_names(model: nn.Module) -> tuple[str, ...]:
 
 
 @contextmanager
-def adapters_active(model: nn.Module, names: tuple[str, ...]) -> Iterator[nn.Module]:
-    """Run `model` with exactly the adapters `names` active inside the block, then restore the previous ones."""
+def adapters_active(model: nn.Module, names: tuple[str, ...] | None) -> Iterator[nn.Module]:
+    """Run `model` with exactly the adapters `names` active inside the block, then restore the previous ones
+    (None: no switch, whatever is active stays)."""
+    if names is None:
+        yield model
+        return
     before = active_adapter_names(model)
     set_active_adapters(model, names)
     try:

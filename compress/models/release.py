@@ -33,12 +33,9 @@ from compress.models.student import OneStepSR, StudentSettings
 
 def load_embedding(path: Path, what: str, width: int, token_axis: bool) -> torch.Tensor:
     """Read a torch.save'd embedding: (1, tokens, width) / (1, width); the leading batch axis is optional."""
-    try:
-        value = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelLoadError(f"{what}: {path} is not a readable torch tensor file ({type(err).__name__}: {err})") from err
-    if not isinstance(value, torch.Tensor):
-        raise ModelLoadError(f"{what}: {path} holds a {type(value).__name__}, expected one tensor")
+    from compress.io import read_tensor_file
+
+    value = read_tensor_file(path, what, ModelLoadError)
     want = 3 if token_axis else 2
     if value.dim() == want - 1:
         value = value[None]
